@@ -1,0 +1,279 @@
+"""Configuration: attrs classes, strict cattrs structuring, and the precedence rules.
+
+Precedence is built-in defaults < TOML file < environment < explicit CLI flags. Every way a
+value can be wrong (unknown key, wrong type, out of range) raises :class:`ConfigError` whose
+message starts with the key path, because an operator reading a one-line journal entry must
+be able to find the line of TOML to fix without reading our source.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A configuration value that signald refuses to start with.
+
+    ``key`` is the dotted path (``limits.max_message_bytes``) or the environment variable
+    name the bad value came from; ``str(err)`` is the one line shown to the operator.
+    """
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+def _bounded(default: Any, *, low: float | None = None, high: float | None = None) -> Any:
+    """An attrs field whose numeric range is checked after structuring (see ``_check_ranges``).
+
+    attrs validators would run inside ``__init__``, where cattrs reports their failures
+    without the key path; keeping the bounds as metadata lets us name the key ourselves.
+    """
+    return attrs.field(default=default, metadata={"low": low, "high": high})
+
+
+@attrs.frozen
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = _bounded(3000, low=0, high=65535)
+    #: Seconds between SIGTERM and a forced exit; WebSockets get 1001 and this long to close.
+    shutdown_grace: float = _bounded(10.0, low=0.1, high=3600)
+    #: Seconds a client may take to send one whole HTTP request (and to idle on keep-alive).
+    request_timeout: float = _bounded(10.0, low=0.1, high=3600)
+
+
+@attrs.frozen
+class CorsConfig:
+    #: Origins allowed for REST (CORS) and for the WebSocket handshake; "*" allows any.
+    allowed_origins: tuple[str, ...] = ("*",)
+
+
+@attrs.frozen
+class RoomsConfig:
+    max_participants: int = _bounded(16, low=2, high=10_000)
+    auto_create: bool = True
+    #: Seconds a POSTed room may stay empty before it is removed.
+    idle_ttl: float = _bounded(86400.0, low=1, high=10 * 365 * 86400)
+
+
+@attrs.frozen
+class LimitsConfig:
+    max_message_bytes: int = _bounded(65536, low=1024, high=16 * 1024 * 1024)
+    #: A connection whose unsent outbound bytes exceed this is evicted (close code 1008).
+    send_queue_bytes: int = _bounded(1048576, low=1024, high=1024 * 1024 * 1024)
+    ping_interval: float = _bounded(20.0, low=0.01, high=3600)
+    ping_timeout: float = _bounded(20.0, low=0.01, high=3600)
+    #: Seconds a WebSocket close handshake may take before the TCP stream is cut.
+    close_timeout: float = _bounded(5.0, low=0.01, high=600)
+
+
+@attrs.frozen
+class LogConfig:
+    level: str = "info"
+
+
+@attrs.frozen
+class Config:
+    server: ServerConfig = ServerConfig()
+    cors: CorsConfig = CorsConfig()
+    rooms: RoomsConfig = RoomsConfig()
+    limits: LimitsConfig = LimitsConfig()
+    log: LogConfig = LogConfig()
+
+
+def _strict_converter() -> cattrs.Converter:
+    """A converter that never coerces: cattrs' defaults call the type, so "12" -> 12."""
+    conv = cattrs.Converter(forbid_extra_keys=True)
+
+    def structure_int(value: Any, _: type) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"expected an integer, got {_describe(value)}")
+        return value
+
+    def structure_float(value: Any, _: type) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"expected a number, got {_describe(value)}")
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {value}")
+        return float(value)
+
+    def structure_str(value: Any, _: type) -> str:
+        if not isinstance(value, str):
+            raise TypeError(f"expected a string, got {_describe(value)}")
+        return value
+
+    def structure_bool(value: Any, _: type) -> bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"expected true or false, got {_describe(value)}")
+        return value
+
+    def structure_str_tuple(value: Any, _: type) -> tuple[str, ...]:
+        if not isinstance(value, list | tuple):
+            raise TypeError(f"expected a list of strings, got {_describe(value)}")
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                raise TypeError(f"item {index}: expected a string, got {_describe(item)}")
+        return tuple(value)
+
+    conv.register_structure_hook(int, structure_int)
+    conv.register_structure_hook(float, structure_float)
+    conv.register_structure_hook(str, structure_str)
+    conv.register_structure_hook(bool, structure_bool)
+    conv.register_structure_hook_func(lambda t: t == tuple[str, ...], structure_str_tuple)
+    return conv
+
+
+_CONVERTER = _strict_converter()
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _first_error(exc: BaseException, path: str) -> ConfigError:
+    """Walk cattrs' exception tree down to the first leaf and name its key path."""
+    if isinstance(exc, ForbiddenExtraKeysError):
+        key = sorted(exc.extra_fields)[0]
+        return ConfigError(f"{path}.{key}".lstrip("."), "unknown key")
+    if isinstance(exc, ClassValidationError | IterableValidationError):
+        for sub in exc.exceptions:
+            note = next((n for n in getattr(sub, "__notes__", []) if hasattr(n, "name")), None)
+            name = getattr(note, "name", None)
+            sub_path = f"{path}.{name}" if name is not None else path
+            return _first_error(sub, sub_path)
+    if isinstance(exc, KeyError):
+        return ConfigError(path.lstrip("."), "required key missing")
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, AttributeError):
+        message = "expected a table"
+    return ConfigError(path.lstrip(".") or "(top level)", message)
+
+
+def _check_ranges(section_name: str, section: Any) -> None:
+    for field in attrs.fields(type(section)):
+        low, high = field.metadata.get("low"), field.metadata.get("high")
+        value = getattr(section, field.name)
+        key = f"{section_name}.{field.name}"
+        if low is not None and value < low:
+            raise ConfigError(key, f"must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise ConfigError(key, f"must be at most {high}, got {value}")
+
+
+def _check(config: Config) -> Config:
+    for field in attrs.fields(Config):
+        _check_ranges(field.name, getattr(config, field.name))
+    if config.log.level not in LOG_LEVELS:
+        raise ConfigError("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {config.log.level!r}")
+    for origin in config.cors.allowed_origins:
+        if origin != "*" and ("://" not in origin or origin.endswith("/")):
+            raise ConfigError(
+                "cors.allowed_origins",
+                f'{origin!r} is not an origin: use scheme://host[:port] without a path, or "*"',
+            )
+    if config.limits.send_queue_bytes < config.limits.max_message_bytes:
+        raise ConfigError(
+            "limits.send_queue_bytes",
+            f"must be at least limits.max_message_bytes ({config.limits.max_message_bytes})",
+        )
+    return config
+
+
+def structure(data: Mapping[str, Any]) -> Config:
+    """Build a validated :class:`Config` from a TOML-shaped mapping."""
+    sections = {field.name for field in attrs.fields(Config)}
+    for name, value in data.items():
+        if name in sections and not isinstance(value, Mapping):
+            raise ConfigError(name, f"expected a table [{name}], got {_describe(value)}")
+    try:
+        config = _CONVERTER.structure(dict(data), Config)
+    except Exception as exc:  # cattrs raises a tree of assorted exceptions
+        raise _first_error(exc, "") from None
+    return _check(config)
+
+
+def unstructure(config: Config) -> dict[str, Any]:
+    return _CONVERTER.unstructure(config)
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file; I/O and syntax problems become ConfigErrors naming the file."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"invalid TOML: {exc}") from None
+
+
+#: Environment variables the Node service read, and where they land in the TOML tree.
+ENVIRONMENT = {
+    "HOST": ("server", "host"),
+    "PORT": ("server", "port"),
+    "ALLOWED_ORIGINS": ("cors", "allowed_origins"),
+    "LOG_LEVEL": ("log", "level"),
+}
+
+
+def _env_value(name: str, raw: str) -> Any:
+    if name == "PORT":
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise ConfigError(name, f"expected an integer, got {raw!r}") from None
+    if name == "ALLOWED_ORIGINS":
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    if name == "LOG_LEVEL":
+        return raw.strip().lower()
+    return raw.strip()
+
+
+def _merge(tree: dict[str, Any], section: str, key: str, value: Any) -> None:
+    table = tree.setdefault(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(section, f"expected a table, got {_describe(table)}")
+    table[key] = value
+
+
+def resolve(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Defaults < TOML file at ``path`` < ``environ`` < ``overrides`` (CLI flags by key path).
+
+    A bad value that came from the environment or a flag is reported under that name
+    (``PORT: expected an integer``), since that is where the operator has to fix it.
+    """
+    tree = load_file(path) if path is not None else {}
+    sources: dict[str, str] = {}
+    for name, (section, key) in ENVIRONMENT.items():
+        raw = (environ or {}).get(name)
+        if raw is not None and raw.strip() != "":
+            _merge(tree, section, key, _env_value(name, raw))
+            sources[f"{section}.{key}"] = name
+    for dotted, value in (overrides or {}).items():
+        section, key = dotted.split(".")
+        _merge(tree, section, key, value)
+        sources[dotted] = "--" + key.replace("_", "-")
+    try:
+        return structure(tree)
+    except ConfigError as exc:
+        if exc.key in sources:
+            raise ConfigError(sources[exc.key], exc.problem) from None
+        raise

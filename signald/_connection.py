@@ -1,0 +1,213 @@
+"""One TCP connection: h11 parses every request; WebSocket upgrades go to trio-websocket.
+
+The upgrade hand-off is the delicate part. h11 has already consumed the request head (and
+maybe bytes after it) from the stream, but ``trio_websocket.wrap_server_stream`` insists on
+parsing the handshake itself. So we rebuild the request head from h11's event (raw header
+names and values are kept), put h11's ``trailing_data`` after it, and give trio-websocket a
+:class:`ReplayStream` whose first reads return those bytes before the socket's.
+
+Every read of a request is bounded by ``server.request_timeout`` (slowloris), every body by
+``MAX_BODY_BYTES``, and any failure here is confined to this connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+import h11
+import trio
+import trio_websocket
+
+from ._rest import MAX_BODY_BYTES, HttpRequest, HttpResponse, error_response
+from ._session import Session
+
+if TYPE_CHECKING:
+    from ._server import Server
+
+log = logging.getLogger("signald.http")
+
+MAX_HEAD_BYTES = 16 * 1024
+RECEIVE_SIZE = 64 * 1024
+#: Frames trio-websocket may buffer between its reader task and ours. More than 1, so a
+#: moment of backpressure does not also stall its pong and close handling.
+WS_MESSAGE_QUEUE = 16
+
+
+class ReplayStream(trio.abc.HalfCloseableStream):
+    """A stream whose first reads return ``prefix``, then whatever ``stream`` yields."""
+
+    def __init__(self, prefix: bytes, stream: trio.abc.HalfCloseableStream) -> None:
+        self._prefix = prefix
+        self._stream = stream
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            size = len(self._prefix) if max_bytes is None else max_bytes
+            chunk, self._prefix = self._prefix[:size], self._prefix[size:]
+            await trio.lowlevel.checkpoint()
+            return chunk
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _raw_head(request: h11.Request) -> bytes:
+    lines = [request.method + b" " + request.target + b" HTTP/1.1"]
+    lines.extend(name + b": " + value for name, value in request.headers.raw_items())
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def _header_map(request: h11.Request) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for name, value in request.headers:
+        key = name.decode("latin-1")
+        text = value.decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    return headers
+
+
+class HttpConnection:
+    def __init__(self, server: Server, stream: trio.SocketStream, remote: str) -> None:
+        self._server = server
+        self._stream = stream
+        self._remote = remote
+        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+
+    async def _send(self, event: h11.Event) -> None:
+        data = self._conn.send(event)
+        if data:
+            await self._stream.send_all(data)
+
+    async def _respond(self, response: HttpResponse, *, close: bool = False) -> None:
+        headers = [("Content-Length", str(len(response.body))), *response.headers]
+        if close or self._server.draining:
+            headers.append(("Connection", "close"))
+        with trio.move_on_after(self._server.config.server.request_timeout):
+            await self._send(h11.Response(status_code=response.status, headers=headers))
+            if response.body:
+                await self._send(h11.Data(data=response.body))
+            await self._send(h11.EndOfMessage())
+
+    async def _read_request(self) -> tuple[h11.Request, bytes] | None:
+        """The next whole request, or None if the client closed between requests."""
+        request: h11.Request | None = None
+        body = bytearray()
+        while True:
+            event = self._conn.next_event()
+            if event is h11.NEED_DATA:
+                if self._conn.they_are_waiting_for_100_continue:
+                    await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+                self._conn.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
+            elif isinstance(event, h11.Request):
+                request = event
+                for name, value in event.headers:  # h11 has checked it is all digits
+                    if name == b"content-length" and int(value) > MAX_BODY_BYTES:
+                        raise _BodyTooLarge
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_BODY_BYTES:
+                    raise _BodyTooLarge
+            elif isinstance(event, h11.EndOfMessage):
+                assert request is not None
+                return request, bytes(body)
+            elif isinstance(event, h11.ConnectionClosed):
+                return None
+
+    async def run(self) -> None:
+        timeout = self._server.config.server.request_timeout
+        try:
+            while True:
+                with trio.move_on_after(timeout) as scope:
+                    try:
+                        received = await self._read_request()
+                    except h11.RemoteProtocolError as exc:
+                        log.info("%s: bad HTTP request: %s", self._remote, exc)
+                        await self._respond_if_possible(
+                            error_response(exc.error_status_hint, "bad-request", f"malformed HTTP request: {exc}")
+                        )
+                        return
+                    except _BodyTooLarge:
+                        await self._respond_if_possible(
+                            error_response(413, "payload-too-large", f"request body over {MAX_BODY_BYTES} bytes")
+                        )
+                        return
+                if scope.cancelled_caught:
+                    if self._conn.their_state is h11.SEND_BODY or (
+                        self._conn.their_state is h11.IDLE and self._conn.trailing_data[0]
+                    ):
+                        await self._respond_if_possible(error_response(408, "request-timeout", "request took too long"))
+                    return
+                if received is None:
+                    return
+                request, body = received
+                if self._conn.their_state is h11.MIGHT_SWITCH_PROTOCOL and request.target.split(b"?")[0] == b"/ws":
+                    await self._upgrade(request)
+                    return
+                response = self._server.rest.handle(
+                    HttpRequest(
+                        request.method.decode("ascii"), request.target.decode("latin-1"), _header_map(request), body
+                    )
+                )
+                log.debug(
+                    "%s: %s %s -> %d",
+                    self._remote,
+                    request.method.decode(),
+                    request.target.decode("latin-1"),
+                    response.status,
+                )
+                await self._respond(response)
+                if self._conn.our_state is h11.MUST_CLOSE or self._server.draining:
+                    return
+                self._conn.start_next_cycle()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away mid-exchange
+        finally:
+            with trio.move_on_after(0):
+                await self._stream.aclose()
+
+    async def _respond_if_possible(self, response: HttpResponse) -> None:
+        if self._conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            with contextlib.suppress(h11.LocalProtocolError):
+                await self._respond(response, close=True)
+
+    async def _upgrade(self, request: h11.Request) -> None:
+        headers = _header_map(request)
+        refusal = self._server.check_upgrade(headers)
+        if refusal is not None:
+            await self._respond(refusal, close=True)
+            return
+        prefix = _raw_head(request) + self._conn.trailing_data[0]
+        limits = self._server.config.limits
+        async with trio.open_nursery() as nursery:
+            with trio.move_on_after(self._server.config.server.request_timeout) as handshake:
+                ws_request = await trio_websocket.wrap_server_stream(
+                    nursery,
+                    ReplayStream(prefix, self._stream),
+                    message_queue_size=WS_MESSAGE_QUEUE,
+                    max_message_size=limits.max_message_bytes,
+                )
+                ws = await ws_request.accept()
+            if handshake.cancelled_caught:
+                log.info("%s: WebSocket handshake timed out", self._remote)
+                nursery.cancel_scope.cancel()
+                return
+            session = Session(ws, self._server.hub, limits, self._remote)
+            with self._server.track(session):
+                await session.run()
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,199 @@
+"""Rooms as tasks: each room is a trio task that owns a memory channel.
+
+Joins, leaves and relays for a room are commands sent into its channel and applied by its
+task, one after another, to the pure :class:`~signald._room.Room`; that serialization is why
+no locks exist anywhere. The room task drains its channel in batches and never awaits a
+socket: delivering a frame means pushing it into the member's :class:`Outbox`.
+
+A room task ends when its room should no longer exist (empty, and either created by a join or
+idle past ``rooms.idle_ttl``). It unregisters itself and closes its channel in the same
+synchronous step in which it saw the channel empty, so a command can never be lost in between:
+a sender that loses the race gets ``BrokenResourceError`` and looks the room up again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator
+from datetime import datetime
+
+import attrs
+import trio
+
+from . import _messages as m
+from ._config import RoomsConfig
+from ._ids import new_room_id, utc_now
+from ._room import Member, Room
+
+log = logging.getLogger("signald.rooms")
+
+#: Commands applied per wake-up before the room task yields to other tasks.
+BATCH = 256
+#: Commands a room's channel buffers before senders wait (backpressure on flooding readers).
+CHANNEL_SIZE = 1024
+
+
+@attrs.define
+class _Join:
+    member: Member
+    request_id: m.RequestId
+    done: trio.Event = attrs.field(factory=trio.Event)
+    joined: bool = False
+
+
+@attrs.frozen
+class _Leave:
+    peer_id: str
+
+
+@attrs.frozen
+class _Relay:
+    sender_id: str
+    to: str
+    text: str
+    request_id: m.RequestId
+
+
+_Command = _Join | _Leave | _Relay
+
+
+class RoomTask:
+    """A room, its channel, and the task that applies the channel's commands to it."""
+
+    def __init__(self, room: Room, idle_ttl: float, clock: Callable[[], datetime]) -> None:
+        self.room = room
+        self._idle_ttl = idle_ttl
+        self._clock = clock
+        self._send, self._receive = trio.open_memory_channel[_Command](CHANNEL_SIZE)
+
+    async def join(self, member: Member, request_id: m.RequestId) -> bool:
+        """Raises ``trio.BrokenResourceError`` if this room has just ended."""
+        command = _Join(member, request_id)
+        await self._send.send(command)
+        await command.done.wait()
+        return command.joined
+
+    async def leave(self, peer_id: str) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):  # room gone, so the member is too
+            await self._send.send(_Leave(peer_id))
+
+    async def relay(self, sender_id: str, to: str, text: str, request_id: m.RequestId) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await self._send.send(_Relay(sender_id, to, text, request_id))
+
+    def _apply(self, command: _Command) -> None:
+        room = self.room
+        if isinstance(command, _Relay):
+            room.relay(command.sender_id, command.to, command.text, command.request_id)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "room %s: relay %s -> %s (%d bytes)", room.id, command.sender_id, command.to, len(command.text)
+                )
+        elif isinstance(command, _Join):
+            command.joined = room.join(command.member, self._clock(), command.request_id)
+            command.done.set()
+            if command.joined:
+                log.info(
+                    "room %s: %s joined as %r (%d present)",
+                    room.id,
+                    command.member.peer_id,
+                    command.member.username,
+                    room.participant_count,
+                )
+        elif command.peer_id in room.seats:
+            room.leave(command.peer_id)
+            log.info("room %s: %s left (%d present)", room.id, command.peer_id, room.participant_count)
+
+    async def run(self, hub: RoomHub) -> None:
+        idle_since = trio.current_time()
+        with self._receive:
+            while True:
+                deadline = idle_since + self._idle_ttl if not self.room.seats else math.inf
+                with trio.move_on_at(deadline):
+                    command = await self._receive.receive()
+                    self._apply(command)
+                    for _ in range(BATCH):
+                        try:
+                            self._apply(self._receive.receive_nowait())
+                        except trio.WouldBlock:
+                            break
+                    else:
+                        continue  # more queued: apply it after a checkpoint, not now
+                # Reached with the channel empty (drained or timed out) and no await since.
+                if self.room.seats:
+                    continue
+                if not self.room.persistent or trio.current_time() >= deadline:
+                    hub._forget(self)
+                    log.info("room %s: removed (%s)", self.room.id, "idle" if self.room.persistent else "empty")
+                    return
+                if deadline == math.inf:
+                    idle_since = trio.current_time()
+
+
+class RoomHub:
+    """Every live room in this process, by id; creates room tasks in ``nursery``."""
+
+    def __init__(
+        self,
+        config: RoomsConfig,
+        nursery: trio.Nursery,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self.config = config
+        self._nursery = nursery
+        self._clock = clock
+        self._rooms: dict[str, RoomTask] = {}
+
+    def __iter__(self) -> Iterator[Room]:
+        return (task.room for task in self._rooms.values())
+
+    def __len__(self) -> int:
+        return len(self._rooms)
+
+    def get(self, room_id: str) -> Room | None:
+        task = self._rooms.get(room_id)
+        return task.room if task is not None else None
+
+    @property
+    def user_count(self) -> int:
+        return sum(task.room.participant_count for task in self._rooms.values())
+
+    def create(self, name: str, max_participants: int | None = None) -> Room:
+        """A persistent room (POST /api/rooms), with a fresh random id."""
+        room_id = new_room_id()
+        while room_id in self._rooms:  # 96 random bits: never in practice, but cheap to rule out
+            room_id = new_room_id()
+        return self._start(room_id, name, max_participants or self.config.max_participants, persistent=True).room
+
+    def _start(self, room_id: str, name: str, max_participants: int, *, persistent: bool) -> RoomTask:
+        room = Room(room_id, name, max_participants, self._clock(), persistent)
+        task = RoomTask(room, self.config.idle_ttl, self._clock)
+        self._rooms[room_id] = task
+        self._nursery.start_soon(task.run, self, name=f"room {room_id}")
+        log.info("room %s: created (%s)", room_id, "api" if persistent else "join")
+        return task
+
+    def _forget(self, task: RoomTask) -> None:
+        if self._rooms.get(task.room.id) is task:
+            del self._rooms[task.room.id]
+
+    async def join(self, room_id: str, member: Member, request_id: m.RequestId = None) -> RoomTask | None:
+        """Seat ``member`` in ``room_id``; the room task tells it (and the room) the outcome.
+
+        Returns the room task to send later commands to, or None when the join was refused
+        (the member has been sent the error).
+        """
+        while True:
+            task = self._rooms.get(room_id)
+            if task is None:
+                if not self.config.auto_create:
+                    member.deliver(m.encode_error(m.ROOM_NOT_FOUND, f"room {room_id} does not exist", request_id))
+                    return None
+                task = self._start(room_id, room_id, self.config.max_participants, persistent=False)
+            try:
+                joined = await task.join(member, request_id)
+            except trio.BrokenResourceError:
+                continue  # that room just ended; look again (a new one may be created)
+            return task if joined else None

@@ -1,0 +1,226 @@
+"""The wire protocol: client frames in, server frames out. Pure functions, no I/O.
+
+Every client message type is parsed here (``parse``) and every server message is encoded
+here (the ``encode_*`` functions), so a reader finds a message type's shape in one search.
+Parsing never raises: a frame is either a message object or a :class:`ProtocolError`
+carrying the code the client is told, because bad input must always get a clear answer.
+
+Outgoing JSON is ASCII-only (``ensure_ascii``), so ``len(text)`` is its size in bytes on
+the wire; the per-connection send queue relies on that to count bytes without encoding.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import attrs
+
+#: Room ids, both client-chosen and server-generated.
+ROOM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+#: Peer ids are server-generated (see ``_ids``); anything else cannot name a peer.
+PEER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_USERNAME = 64
+MAX_REQUEST_ID = 128
+
+#: Error codes, as sent in ``error`` messages.
+INVALID_JSON = "invalid-json"
+INVALID_MESSAGE = "invalid-message"
+UNKNOWN_TYPE = "unknown-type"
+ROOM_NOT_FOUND = "room-not-found"
+ROOM_FULL = "room-full"
+ALREADY_IN_ROOM = "already-in-room"
+NOT_IN_ROOM = "not-in-room"
+PEER_NOT_FOUND = "peer-not-found"
+
+RequestId = str | int | None
+
+
+@attrs.frozen
+class JoinRoom:
+    room_id: str
+    username: str
+    request_id: RequestId = None
+
+
+@attrs.frozen
+class LeaveRoom:
+    request_id: RequestId = None
+
+
+@attrs.frozen
+class Relay:
+    """``webrtc-offer``, ``webrtc-answer`` or ``ice-candidate`` addressed to one peer.
+
+    ``payload`` is the already-validated value of ``field`` (``sdp`` or ``candidate``), so
+    the relayed frame can be built without looking at the client's JSON again.
+    """
+
+    type: str
+    to: str
+    field: str
+    payload: Any
+    request_id: RequestId = None
+
+
+@attrs.frozen
+class Ping:
+    request_id: RequestId = None
+
+
+@attrs.frozen
+class ProtocolError:
+    code: str
+    message: str
+    request_id: RequestId = None
+
+
+ClientMessage = JoinRoom | LeaveRoom | Relay | Ping
+
+_RELAY_FIELDS = {"webrtc-offer": "sdp", "webrtc-answer": "sdp", "ice-candidate": "candidate"}
+
+
+class _Invalid(Exception):
+    """Raised inside the parser; becomes an ``invalid-message`` ProtocolError."""
+
+
+def _string(obj: dict[str, Any], key: str, *, max_len: int | None = None, label: str = "") -> str:
+    value = obj.get(key)
+    label = label or key
+    if not isinstance(value, str):
+        raise _Invalid(f"'{label}' must be a string")
+    if max_len is not None and len(value) > max_len:
+        raise _Invalid(f"'{label}' must be at most {max_len} characters")
+    return value
+
+
+def _request_id(obj: dict[str, Any]) -> RequestId:
+    value = obj.get("requestId")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise _Invalid("'requestId' must be a string or an integer")
+    if isinstance(value, str) and len(value) > MAX_REQUEST_ID:
+        raise _Invalid(f"'requestId' must be at most {MAX_REQUEST_ID} characters")
+    if isinstance(value, int) and not -(2**53) <= value <= 2**53:
+        raise _Invalid("'requestId' must be a safe integer (|n| <= 2**53)")
+    return value
+
+
+def _optional(obj: dict[str, Any], key: str, kind: type, what: str) -> Any:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise _Invalid(f"'candidate.{key}' must be {what} or null")
+    return value
+
+
+def _candidate(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """Keep exactly the four RTCIceCandidateInit keys; null means end-of-candidates."""
+    if "candidate" not in obj:
+        raise _Invalid("'candidate' is required (an RTCIceCandidateInit object, or null)")
+    value = obj["candidate"]
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _Invalid("'candidate' must be an object or null")
+    result = {
+        "candidate": _string(value, "candidate", label="candidate.candidate"),
+        "sdpMid": _optional(value, "sdpMid", str, "a string"),
+        "sdpMLineIndex": _optional(value, "sdpMLineIndex", int, "an integer"),
+    }
+    if "usernameFragment" in value:
+        result["usernameFragment"] = _optional(value, "usernameFragment", str, "a string")
+    return result
+
+
+def _parse_object(obj: dict[str, Any]) -> ClientMessage | ProtocolError:
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise _Invalid("'type' is required and must be a string")
+    request_id = _request_id(obj)
+    if kind in _RELAY_FIELDS:
+        to = _string(obj, "to")
+        if not PEER_ID.fullmatch(to):
+            raise _Invalid("'to' is not a peer id")
+        field = _RELAY_FIELDS[kind]
+        payload = _candidate(obj) if field == "candidate" else _string(obj, "sdp")
+        return Relay(kind, to, field, payload, request_id)
+    if kind == "join-room":
+        room_id = _string(obj, "roomId")
+        if not ROOM_ID.fullmatch(room_id):
+            raise _Invalid("'roomId' must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")
+        username = _string(obj, "username", max_len=MAX_USERNAME)
+        if not username.strip():
+            raise _Invalid("'username' must not be empty")
+        return JoinRoom(room_id, username, request_id)
+    if kind == "leave-room":
+        return LeaveRoom(request_id)
+    if kind == "ping":
+        return Ping(request_id)
+    return ProtocolError(UNKNOWN_TYPE, f"unknown message type {kind[:64]!r}", request_id)
+
+
+def parse(text: str) -> ClientMessage | ProtocolError:
+    """Parse one text frame into a client message, or the error to answer it with."""
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return ProtocolError(INVALID_JSON, "frame is not valid JSON")
+    if not isinstance(obj, dict):
+        return ProtocolError(INVALID_MESSAGE, "a message must be a JSON object")
+    try:
+        return _parse_object(obj)
+    except _Invalid as exc:
+        try:
+            request_id = _request_id(obj)  # echo it if it is itself valid
+        except _Invalid:
+            request_id = None
+        return ProtocolError(INVALID_MESSAGE, str(exc), request_id)
+
+
+def _dump(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True)
+
+
+def _with_request_id(obj: dict[str, Any], request_id: RequestId) -> dict[str, Any]:
+    if request_id is not None:
+        obj["requestId"] = request_id
+    return obj
+
+
+def encode_error(code: str, message: str, request_id: RequestId = None) -> str:
+    return _dump(_with_request_id({"type": "error", "code": code, "message": message}, request_id))
+
+
+def encode_joined_room(
+    room_id: str,
+    peer_id: str,
+    username: str,
+    participants: list[tuple[str, str]],
+    request_id: RequestId = None,
+) -> str:
+    body = {
+        "type": "joined-room",
+        "roomId": room_id,
+        "peerId": peer_id,
+        "username": username,
+        "participants": [{"peerId": p, "username": u} for p, u in participants],
+    }
+    return _dump(_with_request_id(body, request_id))
+
+
+def encode_membership(kind: str, room_id: str, peer_id: str, username: str) -> str:
+    """``user-joined`` or ``user-left``: the same shape, told to the rest of the room."""
+    return _dump({"type": kind, "roomId": room_id, "peerId": peer_id, "username": username})
+
+
+def encode_relay(relay: Relay, sender: str) -> str:
+    """The relayed frame: exactly ``type``, ``from`` and ``sdp``/``candidate``."""
+    return _dump({"type": relay.type, "from": sender, relay.field: relay.payload})
+
+
+def encode_pong(request_id: RequestId = None) -> str:
+    return _dump(_with_request_id({"type": "pong"}, request_id))

@@ -1,0 +1,67 @@
+"""A connection's outbound queue, bounded in bytes, that never makes its producer wait.
+
+Room tasks push into it and move on; a per-connection writer task drains it to the socket.
+This is what keeps one slow reader from stalling its room: when the bytes not yet written
+pass the limit, the queue refuses the frame, drops what it held, and reports the overflow so
+the connection can be evicted (close code 1008) instead of growing without bound.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+import trio
+
+
+class Outbox:
+    def __init__(self, limit_bytes: int, on_overflow: Callable[[], None]) -> None:
+        self._limit = limit_bytes
+        self._on_overflow = on_overflow
+        self._frames: deque[str] = deque()
+        #: Bytes pushed and not yet reported written: queued frames plus the writer's batch.
+        self._unsent = 0
+        self._wakeup = trio.Event()
+        self.closed = False
+
+    @property
+    def unsent_bytes(self) -> int:
+        return self._unsent
+
+    def push(self, text: str) -> bool:
+        """Queue a frame (ASCII JSON, so ``len`` is bytes). False once closed or overflowed."""
+        if self.closed:
+            return False
+        size = len(text)
+        if self._unsent + size > self._limit:
+            self.close()
+            self._on_overflow()
+            return False
+        self._frames.append(text)
+        self._unsent += size
+        self._wakeup.set()
+        return True
+
+    def close(self) -> None:
+        """Refuse further frames and drop queued ones; wakes the writer so it can finish."""
+        self.closed = True
+        self._frames.clear()
+        self._wakeup.set()
+
+    async def take(self) -> list[str]:
+        """Every queued frame, in order, waiting for one if needed; ``[]`` once closed.
+
+        The writer takes the whole queue at once so a burst costs one wake-up, not one per frame.
+        """
+        while not self._frames and not self.closed:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+        if self.closed:
+            return []
+        batch = list(self._frames)
+        self._frames.clear()
+        return batch
+
+    def written(self, size: int) -> None:
+        """The writer reports ``size`` bytes handed to the transport."""
+        self._unsent -= size

@@ -1,0 +1,188 @@
+"""The REST API as a pure function from a parsed request to a response.
+
+Transport concerns (h11, timeouts, body size caps, keep-alive) live in ``_connection``;
+this module only decides what each route answers, so it is tested without sockets.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+import attrs
+
+from ._config import Config
+from ._cors import CorsPolicy
+from ._hub import RoomHub
+from ._ids import format_timestamp, utc_now
+from ._messages import ROOM_ID
+from ._room import Room
+
+MAX_ROOM_NAME = 100
+#: Request bodies larger than this get 413 (enforced while reading, in ``_connection``).
+MAX_BODY_BYTES = 64 * 1024
+
+
+@attrs.frozen
+class HttpRequest:
+    method: str
+    target: str
+    #: Lower-case header names; repeated headers joined with ", ".
+    headers: Mapping[str, str] = attrs.field(factory=dict)
+    body: bytes = b""
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+
+@attrs.frozen
+class HttpResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+
+
+def json_response(status: int, payload: Any, headers: list[tuple[str, str]] | None = None) -> HttpResponse:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    return HttpResponse(
+        status,
+        [("Content-Type", "application/json"), ("Cache-Control", "no-store"), *(headers or [])],
+        body,
+    )
+
+
+def error_response(status: int, code: str, message: str, headers: list[tuple[str, str]] | None = None) -> HttpResponse:
+    return json_response(status, {"error": code, "message": message}, headers)
+
+
+def room_json(room: Room, *, with_participants: bool = False) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": room.id,
+        "name": room.name,
+        "participantCount": room.participant_count,
+        "maxParticipants": room.max_participants,
+        "createdAt": format_timestamp(room.created_at),
+    }
+    if with_participants:
+        body["participants"] = [
+            {
+                "peerId": seat.member.peer_id,
+                "username": seat.member.username,
+                "joinedAt": format_timestamp(seat.joined_at),
+            }
+            for seat in room.seats.values()
+        ]
+    return body
+
+
+class RestApi:
+    """Routes: GET /health, GET/POST /api/rooms, GET /api/rooms/<id>, plus CORS preflight."""
+
+    def __init__(
+        self,
+        config: Config,
+        hub: RoomHub,
+        is_draining: Callable[[], bool],
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self._config = config
+        self._cors = CorsPolicy(config.cors.allowed_origins)
+        self._hub = hub
+        self._is_draining = is_draining
+        self._clock = clock
+
+    def _route(self, path: str) -> tuple[tuple[str, ...], Callable[[HttpRequest], HttpResponse]] | None:
+        """The methods a path allows and the handler for them, or None if no such path."""
+        if path == "/health":
+            return ("GET",), self._health
+        if path == "/api/rooms":
+            return ("GET", "POST"), self._rooms
+        if path.startswith("/api/rooms/"):
+            room_id = path.removeprefix("/api/rooms/")
+            return ("GET",), lambda request: self._room(room_id)
+        if path == "/ws":
+            return ("GET",), self._ws_without_upgrade
+        return None
+
+    def handle(self, request: HttpRequest) -> HttpResponse:
+        origin = request.headers.get("origin")
+        cors = self._cors.headers(origin)
+        route = self._route(request.path)
+        if route is None:
+            return error_response(404, "not-found", f"no such path: {request.path[:200]}", cors)
+        methods, handler = route
+        if request.method == "OPTIONS":
+            return self._preflight(origin, methods)
+        if request.method not in methods:
+            allow = ", ".join((*methods, "OPTIONS"))
+            return error_response(
+                405,
+                "method-not-allowed",
+                f"{request.method} is not allowed here; use {allow}",
+                [("Allow", allow), *cors],
+            )
+        response = handler(request)
+        return attrs.evolve(response, headers=[*response.headers, *cors])
+
+    def _preflight(self, origin: str | None, methods: tuple[str, ...]) -> HttpResponse:
+        allow = (*methods, "OPTIONS")
+        if origin is None:
+            return HttpResponse(204, [("Allow", ", ".join(allow))])
+        if not self._cors.allows(origin):
+            return error_response(
+                403, "origin-not-allowed", f"origin {origin[:200]} is not allowed", self._cors.headers(origin)
+            )
+        return HttpResponse(204, self._cors.preflight_headers(origin, allow))
+
+    def _health(self, request: HttpRequest) -> HttpResponse:
+        draining = self._is_draining()
+        return json_response(
+            503 if draining else 200,
+            {
+                "status": "shutting-down" if draining else "healthy",
+                "rooms": len(self._hub),
+                "users": self._hub.user_count,
+                "timestamp": format_timestamp(self._clock()),
+            },
+        )
+
+    def _rooms(self, request: HttpRequest) -> HttpResponse:
+        if request.method == "GET":
+            return json_response(200, {"rooms": [room_json(room) for room in self._hub]})
+        try:
+            body = json.loads(request.body)
+        except (ValueError, RecursionError):
+            return error_response(400, "invalid-json", "request body is not valid JSON")
+        problem = self._check_new_room(body)
+        if problem is not None:
+            return error_response(400, "invalid-body", problem)
+        room = self._hub.create(body["name"], body.get("maxParticipants"))
+        return json_response(201, room_json(room), [("Location", f"/api/rooms/{room.id}")])
+
+    def _check_new_room(self, body: Any) -> str | None:
+        if not isinstance(body, dict):
+            return "body must be a JSON object"
+        name = body.get("name")
+        if not isinstance(name, str) or not name.strip():
+            return "'name' is required: a non-empty string"
+        if len(name) > MAX_ROOM_NAME:
+            return f"'name' must be at most {MAX_ROOM_NAME} characters"
+        limit = self._config.rooms.max_participants
+        count = body.get("maxParticipants")
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or not 2 <= count <= limit):
+            return f"'maxParticipants' must be an integer from 2 to {limit}"
+        return None
+
+    def _room(self, room_id: str) -> HttpResponse:
+        room = self._hub.get(room_id) if ROOM_ID.fullmatch(room_id) else None
+        if room is None:
+            return error_response(404, "room-not-found", f"room {room_id[:64]} does not exist")
+        return json_response(200, room_json(room, with_participants=True))
+
+    def _ws_without_upgrade(self, request: HttpRequest) -> HttpResponse:
+        return error_response(
+            426, "upgrade-required", "/ws speaks WebSocket only", [("Upgrade", "websocket"), ("Connection", "Upgrade")]
+        )

@@ -1,0 +1,116 @@
+"""The daemon's lifecycle: listen, serve, drain.
+
+One nursery holds the room tasks; inside it, a second nursery holds the listener and every
+connection. Shutdown (``shutdown()``, called on SIGTERM/SIGINT) flips the server into
+draining: /health answers 503, upgrades are refused, every WebSocket is asked to close with
+1001, and once they have (or ``server.shutdown_grace`` has passed) the connection nursery is
+cancelled. Nothing outlives ``serve``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import trio
+
+from ._config import Config
+from ._connection import HttpConnection
+from ._cors import CorsPolicy
+from ._hub import RoomHub
+from ._rest import HttpResponse, RestApi, error_response
+from ._session import CLOSE_GOING_AWAY, Session
+
+log = logging.getLogger("signald")
+
+
+class Server:
+    """Create one, then ``await nursery.start(server.serve)``; ``shutdown()`` stops it."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.draining = False
+        self.port: int | None = None
+        self._cors = CorsPolicy(config.cors.allowed_origins)
+        self._sessions: set[Session] = set()
+        self._stop = trio.Event()
+        self._sessions_gone = trio.Event()
+
+    @property
+    def hub(self) -> RoomHub:
+        return self._hub
+
+    @property
+    def rest(self) -> RestApi:
+        return self._rest
+
+    def shutdown(self) -> None:
+        self._stop.set()
+
+    def check_upgrade(self, headers: Mapping[str, str]) -> HttpResponse | None:
+        """Why a WebSocket upgrade must be refused, as the HTTP response to refuse it with."""
+        origin = headers.get("origin")
+        cors = self._cors.headers(origin)
+        if self.draining:
+            return error_response(503, "shutting-down", "the server is shutting down", cors)
+        if not self._cors.allows(origin):
+            return error_response(403, "origin-not-allowed", f"origin {origin!s:.200} may not connect", cors)
+        if "websocket" not in headers.get("upgrade", "").lower():
+            return error_response(400, "bad-upgrade", "only the websocket upgrade is served on /ws", cors)
+        if headers.get("sec-websocket-version") != "13":
+            return error_response(
+                426, "bad-upgrade", "Sec-WebSocket-Version must be 13", [("Sec-WebSocket-Version", "13"), *cors]
+            )
+        if not headers.get("sec-websocket-key"):
+            return error_response(400, "bad-upgrade", "Sec-WebSocket-Key is missing", cors)
+        return None
+
+    @contextmanager
+    def track(self, session: Session) -> Iterator[None]:
+        self._sessions.add(session)
+        if self.draining:
+            session.request_close(CLOSE_GOING_AWAY, "server shutting down")
+        try:
+            yield
+        finally:
+            self._sessions.discard(session)
+            if self.draining and not self._sessions:
+                self._sessions_gone.set()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            host, port, *_ = stream.socket.getpeername()
+            remote = f"{host}:{port}"
+        except OSError:
+            remote = "?"
+        try:
+            await HttpConnection(self, stream, remote).run()
+        except Exception:
+            # A bug in one connection's code must not take the server down with it.
+            log.exception("%s: connection failed", remote)
+
+    async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until ``shutdown()``, then drain; ``task_status.started`` once accepting."""
+        server_config = self.config.server
+        async with trio.open_nursery() as rooms:
+            self._hub = RoomHub(self.config.rooms, rooms)
+            self._rest = RestApi(self.config, self._hub, lambda: self.draining)
+            listeners = await trio.open_tcp_listeners(server_config.port, host=server_config.host)
+            self.port = listeners[0].socket.getsockname()[1]
+            async with trio.open_nursery() as connections:
+                connections.start_soon(trio.serve_listeners, self._handle, listeners)
+                log.info("listening on %s:%d", server_config.host, self.port)
+                task_status.started(self)
+                await self._stop.wait()
+                self.draining = True
+                log.info("shutting down: closing %d WebSocket(s)", len(self._sessions))
+                for session in list(self._sessions):
+                    session.request_close(CLOSE_GOING_AWAY, "server shutting down")
+                if not self._sessions:
+                    self._sessions_gone.set()
+                with trio.move_on_after(server_config.shutdown_grace):
+                    await self._sessions_gone.wait()
+                connections.cancel_scope.cancel()
+            rooms.cancel_scope.cancel()
+        log.info("stopped")

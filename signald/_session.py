@@ -1,0 +1,169 @@
+"""One WebSocket client: reads frames, applies the protocol, writes through its Outbox.
+
+A session runs four tasks in its own nursery:
+
+* the reader parses each frame and acts on it (join, leave, relay, ping);
+* the writer drains the :class:`Outbox` to the socket, so nothing else ever awaits it;
+* the pinger sends a WebSocket ping every ``ping_interval`` and drops a silent peer;
+* the closer waits for a close request (eviction, oversize frame, shutdown) and performs
+  the close handshake under ``close_timeout``, because trio-websocket's ``aclose`` would
+  otherwise wait forever on a peer that never answers.
+
+Every frame to the client, including the session's own errors, goes through the outbox, so
+the client sees them in the order the server decided them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from . import _messages as m
+from ._config import LimitsConfig
+from ._hub import RoomHub, RoomTask
+from ._ids import new_peer_id
+from ._outbox import Outbox
+
+log = logging.getLogger("signald.session")
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+
+
+@attrs.frozen
+class Peer:
+    """This process's kind of room member: its frames go to a local outbox."""
+
+    peer_id: str
+    username: str
+    outbox: Outbox
+
+    def deliver(self, text: str) -> bool:
+        return self.outbox.push(text)
+
+
+class Session:
+    def __init__(self, ws: WebSocketConnection, hub: RoomHub, limits: LimitsConfig, remote: str) -> None:
+        self._ws = ws
+        self._hub = hub
+        self._limits = limits
+        self.remote = remote
+        self.outbox = Outbox(limits.send_queue_bytes, self._evict)
+        self._peer: Peer | None = None
+        self._room: RoomTask | None = None
+        self._close_requested = trio.Event()
+        self._closed = trio.Event()
+        self._close_code = 1000
+        self._close_reason = ""
+
+    def request_close(self, code: int, reason: str) -> None:
+        """Ask for the connection to be closed; the first request's code wins."""
+        if not self._close_requested.is_set():
+            self._close_code, self._close_reason = code, reason
+            self._close_requested.set()
+
+    def _evict(self) -> None:
+        log.warning("%s: evicted, more than %d bytes unsent", self.remote, self._limits.send_queue_bytes)
+        self.request_close(CLOSE_POLICY, "send queue overflow: client is not reading")
+
+    async def run(self) -> None:
+        log.info("%s: connected", self.remote)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._pinger)
+                nursery.start_soon(self._closer)
+                await self._reader()
+                if self._close_requested.is_set():
+                    await self._closed.wait()  # let the closer finish its (bounded) handshake
+                nursery.cancel_scope.cancel()
+        finally:
+            self.outbox.close()
+            if self._room is not None and self._peer is not None:
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + self._limits.close_timeout):
+                    await self._room.leave(self._peer.peer_id)
+            log.info("%s: disconnected", self.remote)
+
+    async def _reader(self) -> None:
+        max_bytes = self._limits.max_message_bytes
+        while True:
+            try:
+                frame = await self._ws.get_message()
+            except ConnectionClosed:
+                return
+            if isinstance(frame, bytes):
+                self._reply_error(m.INVALID_MESSAGE, "binary frames are not supported; send JSON text frames")
+                continue
+            # Cheap bound first: a str of n characters encodes to at most 4n UTF-8 bytes.
+            if len(frame) * 4 > max_bytes and len(frame.encode()) > max_bytes:
+                self.request_close(CLOSE_TOO_BIG, f"message larger than {max_bytes} bytes")
+                return
+            await self._handle(m.parse(frame))
+
+    async def _handle(self, message: m.ClientMessage | m.ProtocolError) -> None:
+        match message:
+            case m.Relay():
+                if self._room is None or self._peer is None:
+                    self._reply_error(m.NOT_IN_ROOM, f"join a room before sending {message.type}", message.request_id)
+                else:
+                    text = m.encode_relay(message, self._peer.peer_id)
+                    await self._room.relay(self._peer.peer_id, message.to, text, message.request_id)
+            case m.JoinRoom():
+                await self._join(message)
+            case m.LeaveRoom():
+                if self._room is None or self._peer is None:
+                    self._reply_error(m.NOT_IN_ROOM, "not in a room", message.request_id)
+                else:
+                    room, self._room = self._room, None
+                    await room.leave(self._peer.peer_id)
+            case m.Ping():
+                self.outbox.push(m.encode_pong(message.request_id))
+            case m.ProtocolError():
+                self._reply_error(message.code, message.message, message.request_id)
+
+    async def _join(self, message: m.JoinRoom) -> None:
+        if self._room is not None:
+            self._reply_error(
+                m.ALREADY_IN_ROOM, f"already in room {self._room.room.id}; send leave-room first", message.request_id
+            )
+            return
+        peer = Peer(new_peer_id(), message.username, self.outbox)
+        room = await self._hub.join(message.room_id, peer, message.request_id)
+        if room is not None:
+            self._peer, self._room = peer, room
+
+    def _reply_error(self, code: str, text: str, request_id: m.RequestId = None) -> None:
+        self.outbox.push(m.encode_error(code, text, request_id))
+
+    async def _writer(self) -> None:
+        try:
+            while batch := await self.outbox.take():
+                for text in batch:
+                    await self._ws.send_message(text)
+                    self.outbox.written(len(text))
+        except ConnectionClosed:
+            pass
+
+    async def _pinger(self) -> None:
+        while True:
+            await trio.sleep(self._limits.ping_interval)
+            with trio.move_on_after(self._limits.ping_timeout):
+                try:
+                    await self._ws.ping()
+                except ConnectionClosed:
+                    return
+                continue
+            log.info("%s: no pong within %.1f s, dropping", self.remote, self._limits.ping_timeout)
+            self.request_close(CLOSE_GOING_AWAY, "ping timeout")
+            return
+
+    async def _closer(self) -> None:
+        await self._close_requested.wait()
+        self.outbox.close()
+        with trio.move_on_after(self._limits.close_timeout):
+            await self._ws.aclose(self._close_code, self._close_reason)
+        self._closed.set()

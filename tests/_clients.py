@@ -1,0 +1,100 @@
+"""Test clients that talk to a server on 127.0.0.1 with real sockets."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import h11
+import trio
+from trio_websocket import WebSocketConnection, open_websocket
+
+#: Every wait in a test is bounded by this, so a bug fails a test instead of hanging CI.
+TIMEOUT = 10
+
+
+class Client:
+    """A raw WebSocket client speaking signald's JSON protocol."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        self.peer_id: str | None = None
+
+    async def send(self, **message: Any) -> None:
+        await self.ws.send_message(json.dumps(message))
+
+    async def recv(self) -> dict[str, Any]:
+        with trio.fail_after(TIMEOUT):
+            return json.loads(await self.ws.get_message())
+
+    async def expect(self, type_: str, **fields: Any) -> dict[str, Any]:
+        message = await self.recv()
+        assert message["type"] == type_, message
+        for key, value in fields.items():
+            assert message.get(key) == value, (key, message)
+        return message
+
+    async def join(self, room_id: str, username: str, **extra: Any) -> dict[str, Any]:
+        await self.send(type="join-room", roomId=room_id, username=username, **extra)
+        reply = await self.expect("joined-room", roomId=room_id, username=username)
+        self.peer_id = reply["peerId"]
+        return reply
+
+    async def roundtrip_ping(self) -> None:
+        """A ping/pong round trip: everything the server queued before it has arrived."""
+        await self.send(type="ping", requestId="sync")
+        await self.expect("pong", requestId="sync")
+
+
+@asynccontextmanager
+async def connect(port: int, *, origin: str | None = None, **kwargs: Any) -> AsyncIterator[Client]:
+    headers = [(b"Origin", origin.encode())] if origin else None
+    async with open_websocket(
+        "127.0.0.1", port, "/ws", use_ssl=False, extra_headers=headers, connect_timeout=TIMEOUT, **kwargs
+    ) as ws:
+        yield Client(ws)
+
+
+async def http_request(
+    port: int,
+    method: str,
+    target: str,
+    body: bytes | dict[str, Any] | list[Any] | None = None,
+    headers: list[tuple[str, str]] | None = None,
+) -> tuple[int, dict[str, str], Any]:
+    """One request on a fresh connection: (status, lower-cased headers, parsed JSON or bytes)."""
+    with trio.fail_after(TIMEOUT):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            conn = h11.Connection(h11.CLIENT)
+            data = json.dumps(body).encode() if isinstance(body, dict | list) else (body or b"")
+            all_headers = [("Host", f"127.0.0.1:{port}"), ("Connection", "close"), *(headers or [])]
+            if data or method in ("POST", "PUT"):
+                all_headers.append(("Content-Length", str(len(data))))
+            await stream.send_all(conn.send(h11.Request(method=method, target=target, headers=all_headers)))
+            if data:
+                await stream.send_all(conn.send(h11.Data(data=data)))
+            await stream.send_all(conn.send(h11.EndOfMessage()))
+            return await read_response(conn, stream)
+
+
+async def read_response(conn: h11.Connection, stream: trio.abc.Stream) -> tuple[int, dict[str, str], Any]:
+    response: h11.Response | None = None
+    payload = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(65536))
+        elif isinstance(event, h11.Response):
+            response = event
+        elif isinstance(event, h11.Data):
+            payload += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            assert response is not None
+            headers = {k.decode().lower(): v.decode() for k, v in response.headers}
+            parsed: Any = bytes(payload)
+            if headers.get("content-type") == "application/json":
+                parsed = json.loads(payload)
+            return response.status_code, headers, parsed
