@@ -42,6 +42,15 @@ class Client:
         self.peer_id = reply["peerId"]
         return reply
 
+    async def messages_before_pong(self) -> list[dict[str, Any]]:
+        """Ping, and return everything that arrived before the pong, for busy rooms."""
+        await self.send(type="ping", requestId="drain")
+        skipped = []
+        while (message := await self.recv()).get("requestId") != "drain":
+            skipped.append(message)
+        assert message["type"] == "pong"
+        return skipped
+
     async def roundtrip_ping(self) -> None:
         """A ping/pong round trip: everything the server queued before it has arrived."""
         await self.send(type="ping", requestId="sync")

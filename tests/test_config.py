@@ -1,0 +1,119 @@
+"""Configuration: defaults, strict types, ranges, key paths in errors, and precedence."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from signald._config import Config, ConfigError, resolve, structure, unstructure
+
+EXAMPLE = Path(__file__).parent.parent / "signald.toml"
+
+
+def test_defaults_match_the_documented_ones() -> None:
+    config = structure({})
+    assert config == Config()
+    assert (config.server.host, config.server.port, config.server.shutdown_grace) == ("127.0.0.1", 3000, 10.0)
+    assert config.cors.allowed_origins == ("*",)
+    assert (config.rooms.max_participants, config.rooms.auto_create, config.rooms.idle_ttl) == (16, True, 86400.0)
+    limits = config.limits
+    assert (limits.max_message_bytes, limits.send_queue_bytes) == (65536, 1048576)
+    assert (limits.ping_interval, limits.ping_timeout) == (20.0, 20.0)
+    assert config.log.level == "info"
+
+
+def test_example_file_is_valid_and_complete() -> None:
+    with open(EXAMPLE, "rb") as f:
+        tree = tomllib.load(f)
+    structure(tree)
+    # Every key the daemon knows appears in the example, so it doubles as a reference.
+    for section, values in unstructure(Config()).items():
+        assert set(values) <= set(tree.get(section, {})), section
+
+
+@pytest.mark.parametrize(
+    ("tree", "key", "words"),
+    [
+        ({"limits": {"max_message_bytes": 10}}, "limits.max_message_bytes", "at least 1024"),
+        ({"limits": {"max_message_bytes": "65536"}}, "limits.max_message_bytes", "integer"),
+        ({"limits": {"max_message_bytes": 2.5}}, "limits.max_message_bytes", "integer"),
+        ({"server": {"port": 70000}}, "server.port", "at most 65535"),
+        ({"server": {"port": True}}, "server.port", "integer"),
+        ({"server": {"port": -1}}, "server.port", "at least 0"),
+        ({"server": {"hostname": "x"}}, "server.hostname", "unknown key"),
+        ({"servre": {}}, "servre", "unknown key"),
+        ({"server": 1}, "server", "table"),
+        ({"rooms": {"auto_create": "false"}}, "rooms.auto_create", "true or false"),
+        ({"rooms": {"auto_create": 0}}, "rooms.auto_create", "true or false"),
+        ({"rooms": {"max_participants": 1}}, "rooms.max_participants", "at least 2"),
+        ({"rooms": {"idle_ttl": 0}}, "rooms.idle_ttl", "at least"),
+        ({"cors": {"allowed_origins": "*"}}, "cors.allowed_origins", "list"),
+        ({"cors": {"allowed_origins": [1]}}, "cors.allowed_origins", "string"),
+        ({"cors": {"allowed_origins": ["example.com"]}}, "cors.allowed_origins", "not an origin"),
+        ({"log": {"level": "loud"}}, "log.level", "one of"),
+        ({"server": {"shutdown_grace": "10"}}, "server.shutdown_grace", "number"),
+        ({"limits": {"ping_interval": float("inf")}}, "limits.ping_interval", "finite"),
+        ({"limits": {"send_queue_bytes": 2048, "max_message_bytes": 4096}}, "limits.send_queue_bytes", "at least"),
+    ],
+)
+def test_bad_values_name_their_key(tree: dict[str, Any], key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        structure(tree)
+    assert info.value.key == key
+    assert str(info.value).startswith(f"{key}: ")
+    assert words in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_numbers_accept_integers_for_floats() -> None:
+    assert structure({"server": {"shutdown_grace": 3}}).server.shutdown_grace == 3.0
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "signald.toml"
+    path.write_text(text)
+    return path
+
+
+def test_precedence_defaults_toml_env_flags(tmp_path: Path) -> None:
+    path = write(tmp_path, '[server]\nport = 4000\nhost = "0.0.0.0"\n[log]\nlevel = "warning"\n')
+    assert resolve(path).server.port == 4000
+    env = {"PORT": "5000", "LOG_LEVEL": "DEBUG", "ALLOWED_ORIGINS": "https://a.example, https://b.example"}
+    config = resolve(path, env)
+    assert (config.server.port, config.server.host, config.log.level) == (5000, "0.0.0.0", "debug")
+    assert config.cors.allowed_origins == ("https://a.example", "https://b.example")
+    flagged = resolve(path, env, {"server.port": 6000, "server.host": "127.0.0.2"})
+    assert (flagged.server.port, flagged.server.host) == (6000, "127.0.0.2")
+    assert resolve(None, {"HOST": "::1"}).server.host == "::1"
+
+
+def test_empty_environment_values_are_ignored() -> None:
+    assert resolve(None, {"PORT": "", "HOST": " "}).server.port == 3000
+
+
+def test_bad_environment_names_the_variable() -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve(None, {"PORT": "http"})
+    assert info.value.key == "PORT"
+    with pytest.raises(ConfigError) as info:
+        resolve(None, {"PORT": "99999"})
+    assert info.value.key == "PORT"
+    with pytest.raises(ConfigError) as info:
+        resolve(None, {"LOG_LEVEL": "chatty"})
+    assert info.value.key == "LOG_LEVEL"
+
+
+def test_bad_flag_names_the_flag() -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve(None, {}, {"server.port": 123456})
+    assert info.value.key == "--port"
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        resolve(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        resolve(write(tmp_path, "[server\n"))

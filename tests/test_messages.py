@@ -1,0 +1,154 @@
+"""The wire protocol parser and encoders, without sockets."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from signald import _messages as m
+
+
+def parse(obj: Any) -> m.ClientMessage | m.ProtocolError:
+    return m.parse(json.dumps(obj))
+
+
+def test_join_room() -> None:
+    assert parse({"type": "join-room", "roomId": "r-1_A", "username": "alice", "requestId": 7}) == m.JoinRoom(
+        "r-1_A", "alice", 7
+    )
+
+
+def test_leave_and_ping() -> None:
+    assert parse({"type": "leave-room"}) == m.LeaveRoom()
+    assert parse({"type": "ping", "requestId": "x"}) == m.Ping("x")
+
+
+@pytest.mark.parametrize("kind", ["webrtc-offer", "webrtc-answer"])
+def test_sdp_relays(kind: str) -> None:
+    assert parse({"type": kind, "to": "peer1", "sdp": "v=0", "extra": 1}) == m.Relay(kind, "peer1", "sdp", "v=0")
+
+
+def test_candidate_keeps_exactly_the_known_keys() -> None:
+    message = parse(
+        {
+            "type": "ice-candidate",
+            "to": "p",
+            "candidate": {"candidate": "candidate:1", "sdpMid": "0", "sdpMLineIndex": 0, "evil": "x"},
+        }
+    )
+    assert isinstance(message, m.Relay)
+    assert message.payload == {"candidate": "candidate:1", "sdpMid": "0", "sdpMLineIndex": 0}
+    full = parse(
+        {
+            "type": "ice-candidate",
+            "to": "p",
+            "candidate": {"candidate": "c", "sdpMid": None, "sdpMLineIndex": None, "usernameFragment": "u"},
+        }
+    )
+    assert isinstance(full, m.Relay)
+    assert full.payload == {"candidate": "c", "sdpMid": None, "sdpMLineIndex": None, "usernameFragment": "u"}
+
+
+def test_end_of_candidates_is_null() -> None:
+    message = parse({"type": "ice-candidate", "to": "p", "candidate": None})
+    assert message == m.Relay("ice-candidate", "p", "candidate", None)
+
+
+def test_encode_relay_has_exactly_type_from_payload() -> None:
+    relay = m.Relay("ice-candidate", "p", "candidate", None)
+    assert json.loads(m.encode_relay(relay, "sender")) == {"type": "ice-candidate", "from": "sender", "candidate": None}
+
+
+def test_invalid_json() -> None:
+    assert parse_text("{nope").code == m.INVALID_JSON  # type: ignore[union-attr]
+    assert parse_text("").code == m.INVALID_JSON  # type: ignore[union-attr]
+
+
+def parse_text(text: str) -> Any:
+    return m.parse(text)
+
+
+@pytest.mark.parametrize("value", [[], 1, "s", None, True])
+def test_non_object_is_invalid_message(value: Any) -> None:
+    result = parse(value)
+    assert isinstance(result, m.ProtocolError) and result.code == m.INVALID_MESSAGE
+
+
+@pytest.mark.parametrize(
+    ("obj", "mentions"),
+    [
+        ({}, "type"),
+        ({"type": 5}, "type"),
+        ({"type": None}, "type"),
+        ({"type": "join-room", "username": "a"}, "roomId"),
+        ({"type": "join-room", "roomId": "bad id", "username": "a"}, "roomId"),
+        ({"type": "join-room", "roomId": "x" * 65, "username": "a"}, "roomId"),
+        ({"type": "join-room", "roomId": "r", "username": ""}, "username"),
+        ({"type": "join-room", "roomId": "r", "username": "   "}, "username"),
+        ({"type": "join-room", "roomId": "r", "username": "u" * 65}, "username"),
+        ({"type": "join-room", "roomId": "r", "username": 3}, "username"),
+        ({"type": "webrtc-offer", "sdp": "x"}, "to"),
+        ({"type": "webrtc-offer", "to": "p", "sdp": 1}, "sdp"),
+        ({"type": "webrtc-answer", "to": "p"}, "sdp"),
+        ({"type": "webrtc-offer", "to": "not a peer!", "sdp": "x"}, "to"),
+        ({"type": "ice-candidate", "to": "p"}, "candidate"),
+        ({"type": "ice-candidate", "to": "p", "candidate": "c"}, "candidate"),
+        ({"type": "ice-candidate", "to": "p", "candidate": {"sdpMid": "0"}}, "candidate.candidate"),
+        ({"type": "ice-candidate", "to": "p", "candidate": {"candidate": "c", "sdpMid": 1}}, "sdpMid"),
+        ({"type": "ice-candidate", "to": "p", "candidate": {"candidate": "c", "sdpMLineIndex": "0"}}, "sdpMLineIndex"),
+        ({"type": "ice-candidate", "to": "p", "candidate": {"candidate": "c", "sdpMLineIndex": True}}, "sdpMLineIndex"),
+        ({"type": "ping", "requestId": True}, "requestId"),
+        ({"type": "ping", "requestId": 1.5}, "requestId"),
+        ({"type": "ping", "requestId": {}}, "requestId"),
+        ({"type": "ping", "requestId": "r" * 129}, "requestId"),
+        ({"type": "ping", "requestId": 2**60}, "requestId"),
+    ],
+)
+def test_invalid_message_names_the_field(obj: dict[str, Any], mentions: str) -> None:
+    result = parse(obj)
+    assert isinstance(result, m.ProtocolError), result
+    assert result.code == m.INVALID_MESSAGE
+    assert mentions in result.message
+
+
+def test_invalid_message_echoes_a_valid_request_id() -> None:
+    result = parse({"type": "join-room", "requestId": "abc"})
+    assert isinstance(result, m.ProtocolError) and result.request_id == "abc"
+    bad_id = parse({"type": "join-room", "requestId": [1]})
+    assert isinstance(bad_id, m.ProtocolError) and bad_id.request_id is None
+
+
+def test_unknown_type_keeps_request_id() -> None:
+    result = parse({"type": "dance", "requestId": 3})
+    assert result == m.ProtocolError(m.UNKNOWN_TYPE, "unknown message type 'dance'", 3)
+
+
+def test_deep_nesting_is_an_error_not_a_crash() -> None:
+    assert isinstance(m.parse("[" * 100_000 + "]" * 100_000), m.ProtocolError)
+
+
+def test_encoders_are_ascii_so_length_is_bytes() -> None:
+    text = m.encode_membership("user-joined", "r", "p", "zoë 🎉")
+    assert text.isascii()
+    assert json.loads(text)["username"] == "zoë 🎉"
+
+
+def test_encoded_shapes() -> None:
+    assert json.loads(m.encode_error("room-full", "full", "q")) == {
+        "type": "error",
+        "code": "room-full",
+        "message": "full",
+        "requestId": "q",
+    }
+    assert "requestId" not in json.loads(m.encode_error("room-full", "full"))
+    assert json.loads(m.encode_joined_room("r", "p", "u", [("a", "A")], 1)) == {
+        "type": "joined-room",
+        "roomId": "r",
+        "peerId": "p",
+        "username": "u",
+        "participants": [{"peerId": "a", "username": "A"}],
+        "requestId": 1,
+    }
+    assert json.loads(m.encode_pong()) == {"type": "pong"}
