@@ -36,17 +36,32 @@ WS_MESSAGE_QUEUE = 16
 
 
 class ReplayStream(trio.abc.HalfCloseableStream):
-    """A stream whose first reads return ``prefix``, then whatever ``stream`` yields."""
+    """A stream that first replays bytes h11 already consumed, then reads ``stream``.
 
-    def __init__(self, prefix: bytes, stream: trio.abc.HalfCloseableStream) -> None:
-        self._prefix = prefix
+    ``head`` (the rebuilt request head) is returned at once. Everything after it, starting
+    with ``early`` (bytes the client sent after its head, such as a pipelined first frame),
+    is held back until :meth:`release`, that is until the handshake has been accepted: bytes
+    wsproto receives while still negotiating stay buffered in its handshake parser, and
+    trio-websocket would not look at them again until the client happened to send more.
+    """
+
+    def __init__(self, head: bytes, early: bytes, stream: trio.abc.HalfCloseableStream) -> None:
+        self._head = head
+        self._early = early
+        self._released = trio.Event()
         self._stream = stream
 
+    def release(self) -> None:
+        self._released.set()
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._prefix:
-            size = len(self._prefix) if max_bytes is None else max_bytes
-            chunk, self._prefix = self._prefix[:size], self._prefix[size:]
+        if self._head:
+            chunk, self._head = _split(self._head, max_bytes)
             await trio.lowlevel.checkpoint()
+            return chunk
+        await self._released.wait()
+        if self._early:
+            chunk, self._early = _split(self._early, max_bytes)
             return chunk
         return await self._stream.receive_some(max_bytes)
 
@@ -61,6 +76,10 @@ class ReplayStream(trio.abc.HalfCloseableStream):
 
     async def aclose(self) -> None:
         await self._stream.aclose()
+
+
+def _split(data: bytes, size: int | None) -> tuple[bytes, bytes]:
+    return (data, b"") if size is None else (data[:size], data[size:])
 
 
 class _BodyTooLarge(Exception):
@@ -192,17 +211,18 @@ class HttpConnection:
         if refusal is not None:
             await self._respond(refusal, close=True)
             return
-        prefix = _raw_head(request) + self._conn.trailing_data[0]
+        replay = ReplayStream(_raw_head(request), self._conn.trailing_data[0], self._stream)
         limits = self._server.config.limits
         async with trio.open_nursery() as nursery:
             with trio.move_on_after(self._server.config.server.request_timeout) as handshake:
                 ws_request = await trio_websocket.wrap_server_stream(
                     nursery,
-                    ReplayStream(prefix, self._stream),
+                    replay,
                     message_queue_size=WS_MESSAGE_QUEUE,
                     max_message_size=limits.max_message_bytes,
                 )
                 ws = await ws_request.accept()
+                replay.release()
             if handshake.cancelled_caught:
                 log.info("%s: WebSocket handshake timed out", self._remote)
                 nursery.cancel_scope.cancel()

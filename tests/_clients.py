@@ -107,3 +107,16 @@ async def read_response(conn: h11.Connection, stream: trio.abc.Stream) -> tuple[
             if headers.get("content-type") == "application/json":
                 parsed = json.loads(payload)
             return response.status_code, headers, parsed
+
+
+UPGRADE_REQUEST = (
+    b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def text_frame(message: dict[str, Any]) -> bytes:
+    """A client text frame built by hand (masked with a zero key), for raw-socket tests."""
+    payload = json.dumps(message).encode()
+    assert len(payload) < 126
+    return bytes([0x81, 0x80 | len(payload)]) + b"\x00\x00\x00\x00" + payload

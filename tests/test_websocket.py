@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +12,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from signald import Server
 
-from ._clients import TIMEOUT, Client, connect, http_request
+from ._clients import TIMEOUT, UPGRADE_REQUEST, Client, connect, http_request, text_frame
 
 
 async def test_join_reports_others_in_join_order(server: Server) -> None:
@@ -260,35 +259,38 @@ async def test_membership_events_same_order_for_all_members(server: Server) -> N
 async def test_slow_reader_is_evicted_and_room_keeps_going(server_factory: Callable[..., Any]) -> None:
     server = await server_factory(limits={"max_message_bytes": 65536, "send_queue_bytes": 65536})
     sdp = "x" * 60_000
-    async with connect(server.port) as a, connect(server.port) as b:
-        # message_queue_size=1: once one frame is buffered the client stops reading its socket.
-        async with connect(server.port, message_queue_size=1) as slow:
-            await a.join("r", "a")
-            await b.join("r", "b")
-            await slow.join("r", "slow")
-            await a.expect("user-joined")
-            await a.expect("user-joined")
-            await b.expect("user-joined")
-            with trio.fail_after(TIMEOUT):
-                for _ in range(1000):  # bounded: kernel buffers fill long before this
-                    await a.send(type="webrtc-offer", to=slow.peer_id, sdp=sdp)
-                    await a.send(type="ping")
-                    reply = await a.recv()
-                    if reply["type"] == "user-left":
-                        break
-                    assert reply["type"] == "pong"
-                else:
-                    pytest.fail("slow reader was never evicted")
-            assert reply["peerId"] == slow.peer_id
-            await b.expect("user-left", peerId=slow.peer_id)
-            # The honest pair is unaffected.
-            await a.send(type="webrtc-offer", to=b.peer_id, sdp="still here")
-            await b.expect("webrtc-offer", sdp="still here")
-            # Once the slow client reads again it finds the 1008 close behind the backlog.
-            with pytest.raises(ConnectionClosed) as info, trio.fail_after(TIMEOUT):
-                while True:
-                    await slow.ws.get_message()
-            assert info.value.reason.code == 1008
+    # message_queue_size=1: once one frame is buffered the slow client stops reading its socket.
+    async with (
+        connect(server.port) as a,
+        connect(server.port) as b,
+        connect(server.port, message_queue_size=1) as slow,
+    ):
+        await a.join("r", "a")
+        await b.join("r", "b")
+        await slow.join("r", "slow")
+        await a.expect("user-joined")
+        await a.expect("user-joined")
+        await b.expect("user-joined")
+        with trio.fail_after(TIMEOUT):
+            for _ in range(1000):  # bounded: kernel buffers fill long before this
+                await a.send(type="webrtc-offer", to=slow.peer_id, sdp=sdp)
+                await a.send(type="ping")
+                reply = await a.recv()
+                if reply["type"] == "user-left":
+                    break
+                assert reply["type"] == "pong"
+            else:
+                pytest.fail("slow reader was never evicted")
+        assert reply["peerId"] == slow.peer_id
+        await b.expect("user-left", peerId=slow.peer_id)
+        # The honest pair is unaffected.
+        await a.send(type="webrtc-offer", to=b.peer_id, sdp="still here")
+        await b.expect("webrtc-offer", sdp="still here")
+        # Once the slow client reads again it finds the 1008 close behind the backlog.
+        with pytest.raises(ConnectionClosed) as info, trio.fail_after(TIMEOUT):
+            while True:
+                await slow.ws.get_message()
+        assert info.value.reason.code == 1008
 
 
 async def test_silent_peer_is_dropped_after_ping_timeout(server_factory: Callable[..., Any]) -> None:
@@ -298,15 +300,26 @@ async def test_silent_peer_is_dropped_after_ping_timeout(server_factory: Callabl
         stream = await trio.open_tcp_stream("127.0.0.1", server.port)
         async with stream:
             # A hand-written handshake, then a join, then silence: no pongs, no reads.
-            await stream.send_all(
-                b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            )
-            payload = json.dumps({"type": "join-room", "roomId": "r", "username": "mute"}).encode()
-            mask = b"\x00\x00\x00\x00"
-            await stream.send_all(bytes([0x81, 0x80 | len(payload)]) + mask + payload)
+            await stream.send_all(UPGRADE_REQUEST)
+            await stream.send_all(text_frame({"type": "join-room", "roomId": "r", "username": "mute"}))
             joined = await a.expect("user-joined", username="mute")
             # The answering client keeps answering pings and is not dropped.
             left = await a.expect("user-left")
             assert left["peerId"] == joined["peerId"]
             await a.roundtrip_ping()
+
+
+async def test_frame_pipelined_with_the_handshake_is_answered(server: Server) -> None:
+    """Bytes h11 read past the request head reach the WebSocket, and are acted on at once."""
+    assert server.port
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        await stream.send_all(UPGRADE_REQUEST + text_frame({"type": "ping", "requestId": "early"}))
+        received = b""
+        with trio.fail_after(TIMEOUT):
+            while b'"requestId":"early"' not in received:
+                chunk = await stream.receive_some(4096)
+                assert chunk, f"closed early: {received!r}"
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 101 ")
+        assert b'{"type":"pong","requestId":"early"}' in received
