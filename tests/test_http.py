@@ -1,0 +1,223 @@
+"""REST routes, CORS, and the HTTP transport (keep-alive, malformed input, timeouts, limits)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import h11
+import pytest
+import trio
+
+from signald import Server
+
+from ._clients import TIMEOUT, connect, http_request, read_response
+
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3})?Z")
+
+
+async def test_health(server: Server) -> None:
+    assert server.port
+    status, headers, body = await http_request(server.port, "GET", "/health")
+    assert status == 200
+    assert headers["content-type"] == "application/json"
+    assert set(body) == {"status", "rooms", "users", "timestamp"}
+    assert body["status"] == "healthy" and body["rooms"] == 0 and body["users"] == 0
+    assert TIMESTAMP.fullmatch(body["timestamp"])
+    async with connect(server.port) as a, connect(server.port) as b, connect(server.port):
+        await a.join("x", "a")
+        await b.join("y", "b")
+        _, _, body = await http_request(server.port, "GET", "/health")
+        assert (body["rooms"], body["users"]) == (2, 2)  # the third connection is in no room
+
+
+async def test_create_list_and_get_rooms(server: Server) -> None:
+    assert server.port
+    status, headers, room = await http_request(server.port, "POST", "/api/rooms", {"name": "Daily standup"})
+    assert status == 201
+    assert headers["location"] == f"/api/rooms/{room['id']}"
+    assert set(room) == {"id", "name", "participantCount", "maxParticipants", "createdAt"}
+    assert room["name"] == "Daily standup" and room["participantCount"] == 0 and room["maxParticipants"] == 16
+    assert re.fullmatch(r"[A-Za-z0-9_-]{16,64}", room["id"])  # 96 random bits
+    assert TIMESTAMP.fullmatch(room["createdAt"])
+    _, _, small = await http_request(server.port, "POST", "/api/rooms", {"name": "1:1", "maxParticipants": 2})
+    assert small["maxParticipants"] == 2
+    status, _, listing = await http_request(server.port, "GET", "/api/rooms")
+    assert status == 200
+    assert {r["id"] for r in listing["rooms"]} == {room["id"], small["id"]}
+    async with connect(server.port) as a:
+        await a.join(room["id"], "alice")
+        status, _, detail = await http_request(server.port, "GET", f"/api/rooms/{room['id']}")
+        assert status == 200 and detail["participantCount"] == 1
+        assert detail["participants"] == [
+            {"peerId": a.peer_id, "username": "alice", "joinedAt": detail["participants"][0]["joinedAt"]}
+        ]
+        assert TIMESTAMP.fullmatch(detail["participants"][0]["joinedAt"])
+    # A POSTed room outlives its last member.
+    _, _, again = await http_request(server.port, "GET", f"/api/rooms/{room['id']}")
+    assert again["participants"] == []
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"{not json", "invalid-json"),
+        (b"", "invalid-json"),
+        ([1, 2], "invalid-body"),
+        ({}, "invalid-body"),
+        ({"name": ""}, "invalid-body"),
+        ({"name": "   "}, "invalid-body"),
+        ({"name": 5}, "invalid-body"),
+        ({"name": "x" * 101}, "invalid-body"),
+        ({"name": "ok", "maxParticipants": 1}, "invalid-body"),
+        ({"name": "ok", "maxParticipants": 17}, "invalid-body"),
+        ({"name": "ok", "maxParticipants": "4"}, "invalid-body"),
+        ({"name": "ok", "maxParticipants": True}, "invalid-body"),
+    ],
+)
+async def test_create_room_rejects_bad_bodies(server: Server, body: Any, code: str) -> None:
+    assert server.port
+    status, _, reply = await http_request(server.port, "POST", "/api/rooms", body)
+    assert status == 400
+    assert reply["error"] == code and reply["message"]
+    _, _, listing = await http_request(server.port, "GET", "/api/rooms")
+    assert listing["rooms"] == []
+
+
+async def test_body_over_64k_is_413(server: Server) -> None:
+    assert server.port
+    status, _, reply = await http_request(server.port, "POST", "/api/rooms", b"{" + b" " * 70_000 + b"}")
+    assert status == 413 and reply["error"] == "payload-too-large"
+
+
+async def test_unknown_room_path_and_method(server: Server) -> None:
+    assert server.port
+    status, _, reply = await http_request(server.port, "GET", "/api/rooms/does-not-exist")
+    assert (status, reply["error"]) == (404, "room-not-found")
+    status, _, reply = await http_request(server.port, "GET", "/api/rooms/bad%20id")
+    assert (status, reply["error"]) == (404, "room-not-found")
+    status, _, reply = await http_request(server.port, "GET", "/nope")
+    assert (status, reply["error"]) == (404, "not-found")
+    status, headers, reply = await http_request(server.port, "DELETE", "/health")
+    assert (status, reply["error"]) == (405, "method-not-allowed")
+    assert headers["allow"] == "GET, OPTIONS"
+    status, headers, _ = await http_request(server.port, "PUT", "/api/rooms", {})
+    assert status == 405 and headers["allow"] == "GET, POST, OPTIONS"
+    status, headers, reply = await http_request(server.port, "GET", "/ws")
+    assert (status, reply["error"]) == (426, "upgrade-required")
+
+
+async def test_query_strings_are_ignored_for_routing(server: Server) -> None:
+    assert server.port
+    status, _, _ = await http_request(server.port, "GET", "/health?probe=1")
+    assert status == 200
+
+
+async def test_cors(server_factory: Callable[..., Any]) -> None:
+    server = await server_factory(cors={"allowed_origins": ["https://app.example"]})
+    good = [("Origin", "https://app.example")]
+    bad = [("Origin", "https://evil.example")]
+    _, headers, _ = await http_request(server.port, "GET", "/api/rooms", headers=good)
+    assert headers["access-control-allow-origin"] == "https://app.example"
+    assert headers["vary"] == "Origin"
+    _, headers, _ = await http_request(server.port, "GET", "/api/rooms", headers=bad)
+    assert "access-control-allow-origin" not in headers
+    # Errors carry CORS headers too, so the browser app can read them.
+    status, headers, _ = await http_request(server.port, "POST", "/api/rooms", b"nope", headers=good)
+    assert status == 400 and headers["access-control-allow-origin"] == "https://app.example"
+    status, headers, _ = await http_request(server.port, "GET", "/missing", headers=good)
+    assert status == 404 and headers["access-control-allow-origin"] == "https://app.example"
+    preflight = [*good, ("Access-Control-Request-Method", "POST"), ("Access-Control-Request-Headers", "content-type")]
+    status, headers, _ = await http_request(server.port, "OPTIONS", "/api/rooms", headers=preflight)
+    assert status == 204
+    assert headers["access-control-allow-origin"] == "https://app.example"
+    assert "POST" in headers["access-control-allow-methods"]
+    assert "Content-Type" in headers["access-control-allow-headers"]
+    status, headers, _ = await http_request(server.port, "OPTIONS", "/api/rooms", headers=bad)
+    assert status == 403 and "access-control-allow-origin" not in headers
+
+
+async def test_wildcard_cors_echoes_any_origin(server: Server) -> None:
+    assert server.port
+    _, headers, _ = await http_request(server.port, "GET", "/health", headers=[("Origin", "http://localhost:5173")])
+    assert headers["access-control-allow-origin"] == "http://localhost:5173"
+
+
+async def test_keep_alive_serves_several_requests_on_one_connection(server: Server) -> None:
+    assert server.port
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        conn = h11.Connection(h11.CLIENT)
+        for _ in range(3):
+            await stream.send_all(conn.send(h11.Request(method="GET", target="/health", headers=[("Host", "x")])))
+            await stream.send_all(conn.send(h11.EndOfMessage()))
+            with trio.fail_after(TIMEOUT):
+                status, _, body = await read_response(conn, stream)
+            assert status == 200 and body["status"] == "healthy"
+            conn.start_next_cycle()
+
+
+async def raw_exchange(port: int, data: bytes) -> bytes:
+    """Send raw bytes, return everything the server says until it closes."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(data)
+        received = b""
+        with trio.fail_after(TIMEOUT):
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+        return received
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40 + b"\r\n\r\n",  # a TLS ClientHello
+        b"HELLO\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nBad Header\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 20_000,  # an endless head: 431
+    ],
+)
+async def test_malformed_http_gets_400_and_close_and_disturbs_nobody(server: Server, garbage: bytes) -> None:
+    assert server.port
+    async with connect(server.port) as a, connect(server.port) as b:
+        await a.join("calm", "a")
+        await b.join("calm", "b")
+        await a.expect("user-joined")
+        reply = await raw_exchange(server.port, garbage)
+        assert re.match(rb"HTTP/1.1 4\d\d ", reply), reply[:100]
+        await a.send(type="webrtc-offer", to=b.peer_id, sdp="fine")
+        await b.expect("webrtc-offer", sdp="fine")
+    status, _, _ = await http_request(server.port, "GET", "/health")
+    assert status == 200
+
+
+async def test_slow_request_head_is_cut_off(server_factory: Callable[..., Any]) -> None:
+    server = await server_factory(server={"request_timeout": 0.3})
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        await stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # never finished
+        received = b""
+        with trio.fail_after(TIMEOUT):
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 408 ")
+
+
+async def test_idle_keep_alive_connection_is_closed(server_factory: Callable[..., Any]) -> None:
+    server = await server_factory(server={"request_timeout": 0.3})
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        with trio.fail_after(TIMEOUT):
+            assert await stream.receive_some(100) == b""  # closed without a word
+
+
+async def test_websocket_upgrade_needs_a_valid_handshake(server: Server) -> None:
+    assert server.port
+    head = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    reply = await raw_exchange(server.port, head + b"Sec-WebSocket-Version: 8\r\nSec-WebSocket-Key: a2V5\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 426 ") and b"sec-websocket-version: 13" in reply.lower()
+    reply = await raw_exchange(server.port, head + b"Sec-WebSocket-Version: 13\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400 ")

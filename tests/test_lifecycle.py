@@ -1,0 +1,169 @@
+"""Start-up, drain on shutdown, crash isolation, and the console script as a real process."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import h11
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected
+
+from signald import Server
+from signald._rest import RestApi
+
+from ._clients import TIMEOUT, UPGRADE_REQUEST, connect, http_request, read_response, text_frame
+from .conftest import make_config
+
+ROOT = Path(__file__).parent.parent
+
+
+async def test_shutdown_drains_within_grace() -> None:
+    server = Server(make_config(server={"shutdown_grace": 2.0}, limits={"close_timeout": 5.0}))
+    # Its own nursery, so the test can see serve() return.
+    async with trio.open_nursery() as inner:
+        await inner.start(server.serve)
+        assert server.port
+        port = server.port
+        health_stream = await trio.open_tcp_stream("127.0.0.1", port)
+        conn = h11.Connection(h11.CLIENT)
+        async with connect(port) as a, connect(port) as b:
+            await a.join("r", "a")
+            await b.join("r", "b")
+            # A peer that will never answer the close handshake.
+            mute = await trio.open_tcp_stream("127.0.0.1", port)
+            await mute.send_all(UPGRADE_REQUEST + text_frame({"type": "join-room", "roomId": "r", "username": "mute"}))
+            await a.expect("user-joined")
+            await a.expect("user-joined")
+            started_at = trio.current_time()
+            server.shutdown()
+            for client in (a, b):
+                with pytest.raises(ConnectionClosed) as info, trio.fail_after(TIMEOUT):
+                    while True:
+                        await client.ws.get_message()
+                assert info.value.reason.code == 1001
+            # An HTTP connection that was already open hears 503 from /health.
+            await health_stream.send_all(
+                conn.send(h11.Request(method="GET", target="/health", headers=[("Host", "x")]))
+            )
+            await health_stream.send_all(conn.send(h11.EndOfMessage()))
+            with trio.fail_after(TIMEOUT):
+                status, headers, body = await read_response(conn, health_stream)
+            assert status == 503 and body["status"] == "shutting-down"
+            assert headers.get("connection") == "close"
+        # Meanwhile new upgrades are refused (while the mute peer keeps the drain going).
+        with pytest.raises(ConnectionRejected) as rejected:
+            async with connect(port):
+                pass
+        assert rejected.value.status_code == 503
+    # inner exits once serve() has returned: bounded by the grace, despite the mute peer.
+    assert trio.current_time() - started_at < 2.0 + 1.0
+    await mute.aclose()
+    await health_stream.aclose()
+
+
+async def test_crash_in_one_connection_does_not_take_the_server_down(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert server.port
+    original = RestApi.handle
+
+    def explode_on_boom(self: RestApi, request: Any) -> Any:
+        if request.path == "/boom":
+            raise RuntimeError("bug in a handler")
+        return original(self, request)
+
+    monkeypatch.setattr(RestApi, "handle", explode_on_boom)
+    async with connect(server.port) as a:
+        await a.join("r", "a")
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            await stream.send_all(b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n")
+            with trio.fail_after(TIMEOUT):
+                while await stream.receive_some(1024):
+                    pass
+        await a.roundtrip_ping()
+    status, _, _ = await http_request(server.port, "GET", "/health")
+    assert status == 200
+
+
+def signald(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "signald", *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+    )
+
+
+def test_version() -> None:
+    result = signald("--version")
+    assert result.returncode == 0 and re.fullmatch(r"signald \d+\.\d+\.\d+\n", result.stdout)
+
+
+def test_check_config_accepts_the_example() -> None:
+    result = signald("--check-config", "--config", "signald.toml")
+    assert result.returncode == 0, result.stderr
+
+
+def test_check_config_refuses_with_the_key_on_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[limits]\nmax_message_bytes = 10\n")
+    result = signald("--check-config", "--config", str(bad))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "limits.max_message_bytes" in lines[0]
+
+
+def test_bad_environment_refuses_to_start() -> None:
+    result = signald("--check-config", env={"PORT": "eighty"})
+    assert result.returncode == 2 and "PORT" in result.stderr
+
+
+def test_start_up_with_a_bad_config_exits_2_without_listening(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\nprot = 3000\n")
+    result = signald("--config", str(bad))
+    assert result.returncode == 2 and "server.prot: unknown key" in result.stderr
+
+
+async def test_console_script_serves_and_drains_on_sigterm(tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "signald"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "signald"]
+    config = tmp_path / "signald.toml"
+    config.write_text('[server]\nport = 0\nshutdown_grace = 5\n[log]\nlevel = "info"\n')
+    process = await trio.lowlevel.open_process([*command, "--config", str(config)], stderr=subprocess.PIPE, cwd=ROOT)
+    assert process.stderr is not None
+    log = b""
+    try:
+        with trio.fail_after(TIMEOUT):
+            while not (match := re.search(rb"listening on 127\.0\.0\.1:(\d+)", log)):
+                chunk = await process.stderr.receive_some(4096)
+                assert chunk, log
+                log += chunk
+        port = int(match.group(1))
+        async with connect(port) as client:
+            await client.join("r", "a")
+            process.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as info, trio.fail_after(TIMEOUT):
+                while True:
+                    await client.ws.get_message()
+            assert info.value.reason.code == 1001
+        with trio.fail_after(TIMEOUT):
+            while chunk := await process.stderr.receive_some(4096):
+                log += chunk
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert b"SIGTERM" in log and b"stopped" in log
