@@ -87,10 +87,6 @@ class RoomTask:
         room = self.room
         if isinstance(command, _Relay):
             room.relay(command.sender_id, command.to, command.text, command.request_id)
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug(
-                    "room %s: relay %s -> %s (%d bytes)", room.id, command.sender_id, command.to, len(command.text)
-                )
         elif isinstance(command, _Join):
             command.joined = room.join(command.member, self._clock(), command.request_id)
             command.done.set()

@@ -110,6 +110,7 @@ class Session:
                 if self._room is None or self._peer is None:
                     self._reply_error(m.NOT_IN_ROOM, f"join a room before sending {message.type}", message.request_id)
                 else:
+                    log.debug("%s: %s %s -> %s", self.remote, message.type, self._peer.peer_id, message.to)
                     text = m.encode_relay(message, self._peer.peer_id)
                     await self._room.relay(self._peer.peer_id, message.to, text, message.request_id)
             case m.JoinRoom():
