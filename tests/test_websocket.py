@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -323,3 +324,20 @@ async def test_frame_pipelined_with_the_handshake_is_answered(server: Server) ->
                 received += chunk
         assert received.startswith(b"HTTP/1.1 101 ")
         assert b'{"type":"pong","requestId":"early"}' in received
+
+
+async def test_debug_log_names_message_types_but_never_contents(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert server.port
+    caplog.set_level(logging.DEBUG, logger="signald")
+    async with connect(server.port) as a, connect(server.port) as b:
+        await a.join("r", "alice")
+        await b.join("r", "bob")
+        await a.send(type="webrtc-offer", to=b.peer_id, sdp="v=0 SECRET-SDP")
+        await a.send(type="ice-candidate", to=b.peer_id, candidate={"candidate": "SECRET-CANDIDATE"})
+        await b.expect("webrtc-offer")
+        await b.expect("ice-candidate")
+    assert "webrtc-offer" in caplog.text and "ice-candidate" in caplog.text
+    assert "joined" in caplog.text
+    assert "SECRET" not in caplog.text
