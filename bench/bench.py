@@ -96,12 +96,12 @@ class Server:
 
     def __init__(self, target: str, prefix: list[str]) -> None:
         self.port = free_port()
-        self.log = tempfile.TemporaryFile()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - it lives as long as the server; stop() closes it
         self.proc = subprocess.Popen(
             [*prefix, *TARGETS[target], "--port", str(self.port)],
             stdout=self.log,
             stderr=self.log,
-            preexec_fn=raise_nofile,  # noqa: PLW1509 - nothing threaded runs here yet
+            preexec_fn=raise_nofile,
         )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
@@ -218,6 +218,24 @@ def _function(frame: str) -> str:
     return f"{name} ({where.split(':')[0].rsplit('/', 1)[-1]})"
 
 
+def _layer(frame: str) -> str:
+    """Which layer a frame's code belongs to: the server's own, its transport, or trio."""
+    where = frame.partition(" (")[2]
+    for marker, layer in (
+        ("signald/", "signald"),
+        ("floor.py", "floor"),
+        ("trio_websocket/", "trio-websocket"),
+        ("wsproto/", "wsproto"),
+        ("h11/", "h11"),
+        ("trio/", "trio (scheduler, sockets, channels)"),
+        ("outcome", "trio (scheduler, sockets, channels)"),
+        ("json/", "json"),
+    ):
+        if marker in where:
+            return layer
+    return "other (stdlib, C calls)"
+
+
 #: Inclusive shares worth naming: trio-websocket's per-message costs and our own stages.
 MARKERS = {
     "send_message (lock + one send_all per frame)": "WebSocketConnection.send_message",
@@ -231,6 +249,7 @@ MARKERS = {
 def summarize_profile(target: str, raw: str, top: int) -> list[str]:
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
+    layers: Counter[str] = Counter()
     total = 0
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
@@ -239,10 +258,13 @@ def summarize_profile(target: str, raw: str, top: int) -> list[str]:
         frames = stack.split(";")
         total += int(count)
         own[_function(frames[-1])] += int(count)
+        layers[_layer(frames[-1])] += int(count)
         for name in {frame.partition(" (")[0] for frame in frames}:
             inclusive[name] += int(count)
     lines = [f"### {target}: {total} samples, top {top} functions by own time", ""]
     lines += [f"    {100 * n / total:5.1f}%  {name}" for name, n in own.most_common(top)]
+    lines += ["", f"{target}: own time by layer", ""]
+    lines += [f"    {100 * n / total:5.1f}%  {name}" for name, n in layers.most_common()]
     lines += ["", f"{target}: inclusive shares", ""]
     for label, name in MARKERS.items():
         if inclusive[name]:

@@ -12,6 +12,7 @@ Run: ``python bench/floor.py --port 3000`` (127.0.0.1 only).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import secrets
 from functools import partial
@@ -20,6 +21,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 RELAYED = {"webrtc-offer": "sdp", "webrtc-answer": "sdp", "ice-candidate": "candidate"}
+
 
 def _dump(message: dict[str, object]) -> str:
     return json.dumps(message, separators=(",", ":"))  # compact, like signald's frames
@@ -31,10 +33,8 @@ Rooms = dict[str, dict[str, tuple[str, WebSocketConnection]]]
 
 async def _broadcast(members: dict[str, tuple[str, WebSocketConnection]], text: str) -> None:
     for _, ws in list(members.values()):
-        try:
+        with contextlib.suppress(ConnectionClosed):
             await ws.send_message(text)
-        except ConnectionClosed:
-            pass
 
 
 async def handler(rooms: Rooms, request: WebSocketRequest) -> None:
