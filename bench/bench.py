@@ -26,6 +26,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from signald._cli import GC_THRESHOLD
+
 BENCH = Path(__file__).resolve().parent
 PYTHON = sys.executable
 #: Start-up, and the slack a scenario may take beyond its own bounded phases.
@@ -301,7 +303,12 @@ def main() -> None:
     parser.add_argument("--only", default="ABCD", help="scenario letters to run, e.g. AB")
     parser.add_argument("--profile-seconds", type=float, default=None, help="py-spy seconds (0 = skip)")
     parser.add_argument("--out", type=Path, help="also write the report (markdown) here")
+    parser.add_argument(
+        "--floor-gc", action="store_true", help="give the floor signald's GC threshold (apples to apples on GC)"
+    )
     args = parser.parse_args()
+    if args.floor_gc:
+        TARGETS["floor"] += ["--gc-threshold", str(GC_THRESHOLD)]
     args.runs = args.runs or (1 if args.quick else 3)
     args.warmup = args.warmup if args.warmup is not None else (0.5 if args.quick else 2.0)
     args.duration = args.duration if args.duration is not None else (2.0 if args.quick else 10.0)
@@ -311,8 +318,10 @@ def main() -> None:
 
     started = time.monotonic()
     _, _, pinned = pinning()
+    floor_gc = f"floor GC threshold {GC_THRESHOLD}" if args.floor_gc else "floor with Python's GC defaults"
     report = [
-        f"# signald benchmark: {args.runs} run(s), {args.warmup:g} s warm-up + {args.duration:g} s windows; {pinned}",
+        f"# signald benchmark: {args.runs} run(s), {args.warmup:g} s warm-up + {args.duration:g} s windows; {pinned}; "
+        + floor_gc,
         "",
         "| scenario | figure | floor median [min-max] | signald median [min-max] | signald/floor | |",
         "| --- | --- | --- | --- | --- | --- |",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import secrets
 from functools import partial
@@ -78,7 +79,10 @@ async def handler(rooms: Rooms, request: WebSocketRequest) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--gc-threshold", type=int, help="young-generation GC threshold (default: Python's)")
     args = parser.parse_args()
+    if args.gc_threshold:
+        gc.set_threshold(args.gc_threshold)
     rooms: Rooms = {}
     trio.run(partial(serve_websocket, partial(handler, rooms), "127.0.0.1", args.port, ssl_context=None))
 
