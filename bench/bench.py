@@ -189,7 +189,9 @@ def profile(scenario_options: dict[str, Any], seconds: float, top: int) -> list[
     lines = []
     for target in TARGETS:
         server = Server(target, server_prefix)
-        options = {**scenario_options, "warmup": 1.0, "duration": seconds + 1.0}
+        # Load until well after py-spy stops, so no wind-down is sampled.
+        options = {**scenario_options, "warmup": 1.0, "duration": seconds + 4.0}
+        gen: subprocess.Popen[str] | None = None
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 gen = subprocess.Popen(
@@ -204,12 +206,18 @@ def profile(scenario_options: dict[str, Any], seconds: float, top: int) -> list[
                 raw = Path(tmp) / "profile.txt"
                 spy = [str(Path(PYTHON).parent / "py-spy"), "record", "--pid", str(server.proc.pid)]
                 spy += ["--duration", str(int(seconds)), "--rate", "200", "--format", "raw", "--nonblocking"]
-                subprocess.run(
-                    [*gen_prefix, *spy, "-o", str(raw)], capture_output=True, timeout=seconds + 30, check=True
+                done = subprocess.run(
+                    [*gen_prefix, *spy, "-o", str(raw)], capture_output=True, text=True, timeout=seconds + 30
                 )
                 gen.communicate(timeout=SCENARIO_SLACK)
-                lines += summarize_profile(target, raw.read_text(), top)
+                if done.returncode != 0 or not raw.exists():
+                    lines += [f"py-spy could not sample {target}: {done.stderr.strip()[-300:]}", ""]
+                else:
+                    lines += summarize_profile(target, raw.read_text(), top)
         finally:
+            if gen is not None and gen.poll() is None:
+                gen.kill()
+                gen.wait()
             server.stop()
     return lines
 
