@@ -164,9 +164,10 @@ def _brief(result: dict[str, Any]) -> dict[str, Any]:
 
 def summary(values: list[float]) -> str:
     med = statistics.median(values)
+    digits = 2 if med < 10 else 1  # sub-millisecond latencies need the second decimal
     if len(values) == 1:
-        return f"{med:,.1f}"
-    return f"{med:,.1f} [{min(values):,.1f}-{max(values):,.1f}]"
+        return f"{med:,.{digits}f}"
+    return f"{med:,.{digits}f} [{min(values):,.{digits}f}-{max(values):,.{digits}f}]"
 
 
 def table(name: str, scenario: str, results: dict[str, list[dict[str, Any]]]) -> list[str]:
