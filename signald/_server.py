@@ -15,10 +15,13 @@ from contextlib import contextmanager
 
 import trio
 
+from ._addresses import TrustedProxies
+from ._auth import JoinTokens
 from ._config import Config
 from ._connection import HttpConnection
 from ._cors import CorsPolicy
 from ._hub import RoomHub
+from ._limits import ConnectionCounter, Refusal
 from ._rest import HttpResponse, RestApi, error_response
 from ._session import CLOSE_GOING_AWAY, Session
 
@@ -36,6 +39,9 @@ class Server:
         self._sessions: set[Session] = set()
         self._stop = trio.Event()
         self._sessions_gone = trio.Event()
+        self.proxies = TrustedProxies(config.server.trusted_proxies)
+        self.connections = ConnectionCounter(config.limits.max_connections, config.limits.max_connections_per_ip)
+        self.tokens = JoinTokens(config.auth.secret) if config.auth.secret else None
 
     @property
     def hub(self) -> RoomHub:
@@ -48,8 +54,11 @@ class Server:
     def shutdown(self) -> None:
         self._stop.set()
 
-    def check_upgrade(self, headers: Mapping[str, str]) -> HttpResponse | None:
-        """Why a WebSocket upgrade must be refused, as the HTTP response to refuse it with."""
+    def check_upgrade(self, headers: Mapping[str, str], client: str) -> HttpResponse | None:
+        """Why a WebSocket upgrade must be refused, as the HTTP response to refuse it with.
+
+        ``client`` is the per-address key the connection caps count under.
+        """
         origin = headers.get("origin")
         cors = self._cors.headers(origin)
         if self.draining:
@@ -64,6 +73,18 @@ class Server:
             )
         if not headers.get("sec-websocket-key"):
             return error_response(400, "bad-upgrade", "Sec-WebSocket-Key is missing", cors)
+        refusal = self.connections.refusal(client)
+        if refusal is Refusal.ADDRESS:
+            log.info("%s: connection refused, %d open from this address", client, self.connections.count(client))
+            return error_response(
+                429,
+                "too-many-connections",
+                f"{self.connections.per_address_cap} connections from {client} are open already",
+                cors,
+            )
+        if refusal is Refusal.SERVER:
+            log.info("connection from %s refused, %d open in total", client, self.connections.total)
+            return error_response(503, "server-full", "the server has as many connections as it takes", cors)
         return None
 
     @contextmanager
