@@ -36,6 +36,11 @@ RECEIVE_SIZE = 64 * 1024
 #: Frames trio-websocket may buffer between its reader task and ours. More than 1, so a
 #: moment of backpressure does not also stall its pong and close handling.
 WS_MESSAGE_QUEUE = 16
+#: After refusing a request we half-close and read (and discard) what the client still sends,
+#: this long and this much at most: closing with its bytes unread would make the kernel send a
+#: reset, which can destroy our refusal before the client has read it.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1024 * 1024
 
 
 class ReplayStream(trio.abc.HalfCloseableStream):
@@ -215,6 +220,14 @@ class HttpConnection:
         if self._conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             with contextlib.suppress(h11.LocalProtocolError):
                 await self._respond(response, close=True)
+            await self._linger()
+
+    async def _linger(self) -> None:
+        with trio.move_on_after(LINGER_SECONDS):
+            await self._stream.send_eof()
+            drained = 0
+            while drained < LINGER_BYTES and (chunk := await self._stream.receive_some(RECEIVE_SIZE)):
+                drained += len(chunk)
 
     def _client(self, headers: dict[str, str]) -> str:
         """The per-address key of the client: the peer, or whom a trusted proxy forwarded."""
