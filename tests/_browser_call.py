@@ -8,7 +8,7 @@ to gather loopback candidates at all. Playwright talks to Chromium over a pipe, 
 
 This process starts signald (trio, in the main thread) and drives the browser with
 Playwright's sync API in a worker thread. It measures and does not judge: it prints one JSON
-report on stdout and saves screenshots in OUTDIR; test_browser.py asserts on them. Every
+report on stdout and saves a screenshot in OUTDIR; test_browser.py asserts on them. Every
 wait is a Playwright wait with a timeout, so a broken call fails within seconds.
 """
 
@@ -43,6 +43,8 @@ CHROMIUM_ARGS = [
 ]
 #: Milliseconds for any one browser wait (page load, ICE, first frames).
 WAIT_MS = 10_000
+#: Waits poll on a timer: the default, animation frames, never comes in a tab in the background.
+POLL_MS = 50
 ROOM = "browser-test"
 
 #: The remote <video> of the first tile, the one the other tab's camera plays in. (Waits are
@@ -68,7 +70,8 @@ def bring_up_loopback() -> list[str]:
 
 
 def join(page: Page, base_url: str, username: str) -> None:
-    page.goto(base_url)
+    page.bring_to_front()  # Playwright's click checks wait on animation frames, which hidden tabs skip
+    page.goto(base_url, wait_until="domcontentloaded")  # module scripts have run by then
     page.fill("#room", ROOM)
     page.fill("#username", username)
     page.click("#lobby button[type=submit]")
@@ -76,9 +79,9 @@ def join(page: Page, base_url: str, username: str) -> None:
 
 def video_report(page: Page) -> dict[str, Any]:
     """The remote video's state once it shows frames, and again half a second of playback later."""
-    page.wait_for_function(HAS_FRAMES, timeout=WAIT_MS)
+    page.wait_for_function(HAS_FRAMES, polling=POLL_MS, timeout=WAIT_MS)
     first = page.evaluate(VIDEO_STATE)
-    page.wait_for_function(PLAYED_PAST, arg=first["time"] + 0.5, timeout=WAIT_MS)
+    page.wait_for_function(PLAYED_PAST, arg=first["time"] + 0.5, polling=POLL_MS, timeout=WAIT_MS)
     tile = page.locator("#grid .tile[data-peer-id]")
     return {
         "first": first,
@@ -107,17 +110,17 @@ def drive(base_url: str, outdir: Path) -> dict[str, Any]:
             for page in (alice, bob):
                 page.wait_for_selector(connected, timeout=WAIT_MS)
             report: dict[str, Any] = {"alice": video_report(alice), "bob": video_report(bob)}
-            alice.screenshot(path=outdir / "alice.png")
-            bob.screenshot(path=outdir / "bob.png")
+            alice.bring_to_front()
+            alice.screenshot(path=outdir / "call.png")
 
             # The room holds two (rooms.max_participants): a third person is told so, in words.
             join(carol, base_url, "carol")
             carol.wait_for_selector("#status.error", timeout=WAIT_MS)
             report["carol_status"] = carol.text_content("#status")
             report["carol_lobby_visible"] = carol.is_visible("#lobby")
-            carol.screenshot(path=outdir / "carol.png")
 
             # Leaving removes bob's tile from alice's grid.
+            bob.bring_to_front()
             bob.click("#leave")
             alice.wait_for_selector("#grid .tile[data-peer-id]", state="detached", timeout=WAIT_MS)
             report["alice_status_after_leave"] = alice.text_content("#status")
