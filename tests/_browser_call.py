@@ -103,6 +103,10 @@ def drive(base_url: str, outdir: Path) -> dict[str, Any]:
         )
         try:
             alice, bob, carol = (browser.new_page() for _ in range(3))
+            errors: list[str] = []  # anything the pages report as an error, CSP violations included
+            for page in (alice, bob, carol):
+                page.on("console", lambda message: message.type == "error" and errors.append(message.text))
+                page.on("pageerror", lambda error: errors.append(str(error)))
             join(alice, base_url, "alice")
             alice.wait_for_selector("#call:not([hidden])", timeout=WAIT_MS)
             join(bob, base_url, "bob")
@@ -125,6 +129,15 @@ def drive(base_url: str, outdir: Path) -> dict[str, Any]:
             alice.wait_for_selector("#grid .tile[data-peer-id]", state="detached", timeout=WAIT_MS)
             report["alice_status_after_leave"] = alice.text_content("#status")
             report["bob_lobby_visible"] = bob.is_visible("#lobby")
+
+            # Now there is room: carol tries again from the same page, and alice calls her.
+            carol.bring_to_front()
+            carol.click("#lobby button[type=submit]")
+            for page in (alice, carol):
+                page.wait_for_selector(connected, timeout=WAIT_MS)
+            report["carol_retry_peer"] = carol.text_content("#grid .tile[data-peer-id] .name")
+            report["alice_new_peer"] = alice.text_content("#grid .tile[data-peer-id] .name")
+            report["console_errors"] = errors
             return report
         finally:
             browser.close()

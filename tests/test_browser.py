@@ -58,5 +58,8 @@ async def test_two_tabs_call_each_other_through_the_demo_page(tmp_path: Path) ->
     assert report["carol_lobby_visible"]
     assert report["alice_status_after_leave"].startswith("Everyone else has left")
     assert report["bob_lobby_visible"]
+    # Turned away while full, carol retries from the same page once bob has left.
+    assert (report["carol_retry_peer"], report["alice_new_peer"]) == ("alice", "carol")
+    assert report["console_errors"] == []
 
     assert (tmp_path / "call.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")  # alice's tab, mid-call
