@@ -23,6 +23,7 @@ let ws = null;              // the WebSocket to signald
 let localStream = null;     // our camera and microphone
 let iceServers = [];        // RTCIceServer dictionaries from GET /api/ice-servers
 let roomId = null;
+let myPeerId = null;        // set by joined-room: we are in the room
 const peers = new Map();    // peerId -> { username, tile, pc (null until a call starts) }
 let inbox = Promise.resolve();  // the tail of the queue of incoming messages
 
@@ -79,10 +80,11 @@ function showStatus(text, isError = false) {
 
 async function join(event) {
   event.preventDefault();
-  const form = $('lobby');
+  const button = $('lobby').querySelector('button');
+  if (button.disabled) return;
+  button.disabled = true;  // until joined-room, or leave() after a failure
   const username = $('username').value;
   roomId = $('room').value;
-  form.querySelector('button').disabled = true;
   try {
     // Browsers only offer the camera to secure pages: https://, or http://localhost.
     if (!navigator.mediaDevices) {
@@ -106,8 +108,6 @@ async function join(event) {
   } catch (err) {
     leave();
     showStatus(err.message, true);
-  } finally {
-    form.querySelector('button').disabled = false;
   }
 }
 
@@ -143,16 +143,18 @@ function send(msg) {
 }
 
 function leave() {
-  if (ws?.readyState === WebSocket.OPEN) {
+  if (myPeerId && ws?.readyState === WebSocket.OPEN) {
     send({ type: 'leave-room' });  // no reply; the others get user-left
-    ws.close(1000);
   }
+  ws?.close(1000);  // closing alone would also leave the room
   ws = null;
+  myPeerId = null;
   for (const peerId of [...peers.keys()]) removePeer(peerId);
   localStream?.getTracks().forEach((track) => track.stop());
   localStream = null;
   $('call').hidden = true;
   $('lobby').hidden = false;
+  $('lobby').querySelector('button').disabled = false;
   showStatus('');
 }
 
@@ -162,6 +164,7 @@ async function handle(msg) {
   switch (msg.type) {
     case 'joined-room':
       // We are the newcomer: everyone listed will call us, so we only prepare their tiles.
+      myPeerId = msg.peerId;
       $('lobby').hidden = true;
       $('call').hidden = false;
       $('room-name').textContent = msg.roomId;
