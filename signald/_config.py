@@ -84,12 +84,38 @@ class LogConfig:
 
 
 @attrs.frozen
+class IceServer:
+    """One entry of ``[ice] servers``, shaped like the browser's ``RTCIceServer``."""
+
+    urls: tuple[str, ...]
+    #: TURN needs both; STUN needs neither. Browsers reject a TURN entry without them.
+    username: str | None = None
+    credential: str | None = None
+
+
+@attrs.frozen
+class IceConfig:
+    #: STUN/TURN servers clients should use, served at GET /api/ice-servers. Empty = host
+    #: candidates only, which is enough on one machine or one LAN.
+    servers: tuple[IceServer, ...] = ()
+
+
+@attrs.frozen
+class DemoConfig:
+    #: Serve the demo client at GET /. Off by default: a production signaling server usually
+    #: sits behind an application that serves its own pages.
+    enabled: bool = False
+
+
+@attrs.frozen
 class Config:
     server: ServerConfig = ServerConfig()
     cors: CorsConfig = CorsConfig()
     rooms: RoomsConfig = RoomsConfig()
     limits: LimitsConfig = LimitsConfig()
     log: LogConfig = LogConfig()
+    ice: IceConfig = IceConfig()
+    demo: DemoConfig = DemoConfig()
 
 
 def _strict_converter() -> cattrs.Converter:
@@ -131,6 +157,21 @@ def _strict_converter() -> cattrs.Converter:
     conv.register_structure_hook(str, structure_str)
     conv.register_structure_hook(bool, structure_bool)
     conv.register_structure_hook_func(lambda t: t == tuple[str, ...], structure_str_tuple)
+
+    # cattrs would iterate a string as if it were the list, and report each character.
+    ice_servers = conv.get_structure_hook(tuple[IceServer, ...])
+
+    def structure_ice_servers(value: Any, type_: type) -> tuple[IceServer, ...]:
+        if not isinstance(value, list | tuple):
+            raise TypeError(f"expected a list of tables, got {_describe(value)}")
+        for index, item in enumerate(value):
+            if not isinstance(item, Mapping):
+                raise TypeError(
+                    f'item {index}: expected a table like {{ urls = ["stun:host:3478"] }}, got {_describe(item)}'
+                )
+        return ice_servers(value, type_)
+
+    conv.register_structure_hook_func(lambda t: t == tuple[IceServer, ...], structure_ice_servers)
     return conv
 
 
@@ -151,9 +192,10 @@ def _first_error(exc: BaseException, path: str) -> ConfigError:
         return ConfigError(f"{path}.{key}".lstrip("."), "unknown key")
     if isinstance(exc, ClassValidationError | IterableValidationError):
         for sub in exc.exceptions:
-            note = next((n for n in getattr(sub, "__notes__", []) if hasattr(n, "name")), None)
-            name = getattr(note, "name", None)
-            sub_path = f"{path}.{name}" if name is not None else path
+            notes = getattr(sub, "__notes__", [])
+            note = next((n for n in notes if hasattr(n, "name") or hasattr(n, "index")), None)
+            name, index = getattr(note, "name", None), getattr(note, "index", None)
+            sub_path = f"{path}.{name}" if name is not None else f"{path}[{index}]" if index is not None else path
             return _first_error(sub, sub_path)
     if isinstance(exc, KeyError):
         return ConfigError(path.lstrip("."), "required key missing")
@@ -174,6 +216,22 @@ def _check_ranges(section_name: str, section: Any) -> None:
             raise ConfigError(key, f"must be at most {high}, got {value}")
 
 
+#: URL schemes an RTCIceServer accepts (RFC 7064, RFC 7065).
+ICE_SCHEMES = ("stun", "stuns", "turn", "turns")
+
+
+def _check_ice_server(key: str, server: IceServer) -> None:
+    """Refuse here what ``new RTCPeerConnection`` would refuse in every visitor's browser."""
+    if not server.urls:
+        raise ConfigError(f"{key}.urls", "must list at least one URL")
+    for url in server.urls:
+        scheme, colon, rest = url.partition(":")
+        if not colon or scheme not in ICE_SCHEMES or not rest or rest.startswith("/"):
+            raise ConfigError(f"{key}.urls", f"{url!r} is not a STUN/TURN URL like stun:host:port or turn:host:port")
+        if scheme.startswith("turn") and (server.username is None or server.credential is None):
+            raise ConfigError(key, f"{url} is a TURN server: set both username and credential")
+
+
 def _check(config: Config) -> Config:
     for field in attrs.fields(Config):
         _check_ranges(field.name, getattr(config, field.name))
@@ -185,6 +243,8 @@ def _check(config: Config) -> Config:
                 "cors.allowed_origins",
                 f'{origin!r} is not an origin: use scheme://host[:port] without a path, or "*"',
             )
+    for index, server in enumerate(config.ice.servers):
+        _check_ice_server(f"ice.servers[{index}]", server)
     if config.limits.send_queue_bytes < config.limits.max_message_bytes:
         raise ConfigError(
             "limits.send_queue_bytes",
