@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import trio
 
-from . import __version__, _logging
+from . import __version__, _logging, _systemd
 from ._config import LOG_LEVELS, Config, ConfigError, resolve
 from ._server import Server
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 1
+
+log = logging.getLogger("signald")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,15 +37,43 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _run(config: Config) -> None:
-    server = Server(config)
-    async with trio.open_nursery() as nursery:
+async def _run(
+    config: Config,
+    environ: Mapping[str, str],
+    *,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until SIGTERM/SIGINT and drain, keeping systemd (if any) informed throughout."""
+    pid = os.getpid()
+    notifier = _systemd.Notifier.from_environ(environ)
+    server = Server(config, _systemd.inherited_listeners(_systemd.listen_fds(environ, pid)))
+    try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            await nursery.start(server.serve)
-            async for signum in signals:
-                print(f"signald: {signal.Signals(signum).name} received, draining", file=sys.stderr)
-                server.shutdown()
-                break
+            async with trio.open_nursery() as nursery:
+
+                async def serve(task_status: trio.TaskStatus[None]) -> None:
+                    await server.serve(task_status=task_status)
+                    nursery.cancel_scope.cancel()  # drained: stop the heartbeat too
+
+                await nursery.start(serve)
+                notifier.send("READY=1", f"STATUS={server.status()}")
+                watchdog = _systemd.watchdog_interval(environ, pid)
+                nursery.start_soon(_systemd.heartbeat, notifier, watchdog, server.status)
+                task_status.started(server)
+                async for signum in signals:
+                    log.info("%s received, draining", signal.Signals(signum).name)
+                    notifier.send("STOPPING=1", f"STATUS={server.status()}")
+                    server.shutdown()
+                    break
+    finally:
+        notifier.close()
+
+
+def _startup_error(exc: BaseException) -> ConfigError | None:
+    """The ConfigError that stopped start-up, unwrapped from trio's exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, ConfigError) else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,8 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     _logging.setup(config.log.level)
     try:
-        trio.run(_run, config)
-    except OSError as exc:
-        print(f"signald: cannot listen on {config.server.host}:{config.server.port}: {exc}", file=sys.stderr)
+        trio.run(_run, config, os.environ)
+    except (ConfigError, BaseExceptionGroup) as exc:
+        # What only shows when starting: the port is taken, the room store is unreadable...
+        error = _startup_error(exc)
+        if error is None:
+            raise
+        print(f"signald: cannot start: {error}", file=sys.stderr)
         return EXIT_STARTUP
     return 0

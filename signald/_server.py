@@ -10,12 +10,13 @@ cancelled. Nothing outlives ``serve``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+import socket
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import trio
 
-from ._config import Config
+from ._config import Config, ConfigError
 from ._connection import HttpConnection
 from ._cors import CorsPolicy
 from ._hub import RoomHub
@@ -26,10 +27,15 @@ log = logging.getLogger("signald")
 
 
 class Server:
-    """Create one, then ``await nursery.start(server.serve)``; ``shutdown()`` stops it."""
+    """Create one, then ``await nursery.start(server.serve)``; ``shutdown()`` stops it.
 
-    def __init__(self, config: Config) -> None:
+    ``sockets`` are listening sockets to serve instead of binding ``server.host:port``
+    (socket activation: systemd opened them and keeps them open across restarts).
+    """
+
+    def __init__(self, config: Config, sockets: Sequence[socket.socket] = ()) -> None:
         self.config = config
+        self._inherited = list(sockets)
         self.draining = False
         self.port: int | None = None
         self._cors = CorsPolicy(config.cors.allowed_origins)
@@ -47,6 +53,20 @@ class Server:
 
     def shutdown(self) -> None:
         self._stop.set()
+
+    def status(self) -> str:
+        """One line for ``systemctl status``."""
+        counts = f"{len(self._hub)} rooms, {self._hub.user_count} users"
+        return f"draining: {len(self._sessions)} WebSockets left, {counts}" if self.draining else counts
+
+    async def _listen(self) -> list[trio.SocketListener]:
+        if self._inherited:
+            return [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in self._inherited]
+        host, port = self.config.server.host, self.config.server.port
+        try:
+            return await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise ConfigError("server.port", f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
     def check_upgrade(self, headers: Mapping[str, str]) -> HttpResponse | None:
         """Why a WebSocket upgrade must be refused, as the HTTP response to refuse it with."""
@@ -96,11 +116,15 @@ class Server:
         async with trio.open_nursery() as rooms:
             self._hub = RoomHub(self.config.rooms, rooms)
             self._rest = RestApi(self.config, self._hub, lambda: self.draining)
-            listeners = await trio.open_tcp_listeners(server_config.port, host=server_config.host)
+            listeners = await self._listen()
             self.port = listeners[0].socket.getsockname()[1]
             async with trio.open_nursery() as connections:
                 connections.start_soon(trio.serve_listeners, self._handle, listeners)
-                log.info("listening on %s:%d", server_config.host, self.port)
+                log.info(
+                    "listening on %s%s",
+                    ", ".join(_address(listener.socket) for listener in listeners),
+                    " (sockets from systemd)" if self._inherited else "",
+                )
                 task_status.started(self)
                 await self._stop.wait()
                 self.draining = True
@@ -114,3 +138,8 @@ class Server:
                 connections.cancel_scope.cancel()
             rooms.cancel_scope.cancel()
         log.info("stopped")
+
+
+def _address(sock: trio.socket.SocketType) -> str:
+    host, port, *_ = sock.getsockname()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
