@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config:
         print(f"signald: configuration OK ({args.config or 'built-in defaults'})", file=sys.stderr)
         return 0
-    _logging.setup(config.log.level)
+    _logging.setup(config.log, os.environ)
     try:
         trio.run(_run, config, os.environ)
     except (ConfigError, BaseExceptionGroup) as exc:

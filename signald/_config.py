@@ -19,6 +19,7 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(ValueError):
@@ -81,6 +82,8 @@ class LimitsConfig:
 @attrs.frozen
 class LogConfig:
     level: str = "info"
+    #: "text" (one human-readable line per event) or "json" (one JSON object per line, for shippers).
+    format: str = "text"
 
 
 @attrs.frozen
@@ -179,6 +182,8 @@ def _check(config: Config) -> Config:
         _check_ranges(field.name, getattr(config, field.name))
     if config.log.level not in LOG_LEVELS:
         raise ConfigError("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {config.log.level!r}")
+    if config.log.format not in LOG_FORMATS:
+        raise ConfigError("log.format", f"must be one of {', '.join(LOG_FORMATS)}, got {config.log.format!r}")
     for origin in config.cors.allowed_origins:
         if origin != "*" and ("://" not in origin or origin.endswith("/")):
             raise ConfigError(
