@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -37,18 +37,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reload(server: Server, load_config: Callable[[], Config], environ: Mapping[str, str]) -> None:
+    """SIGHUP: apply what a fresh configuration changes that is safe to change under live connections."""
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        log.error("reload refused, keeping the running configuration: %s", exc)
+        return
+    for key in server.reload(config):
+        log.warning("reload: %s changed, which takes a restart; keeping the running value", key)
+    _logging.setup(server.config.log, environ)
+    log.info("configuration reloaded")
+
+
 async def _run(
     config: Config,
     environ: Mapping[str, str],
+    load_config: Callable[[], Config],
     *,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until SIGTERM/SIGINT and drain, keeping systemd (if any) informed throughout."""
+    """Serve until SIGTERM/SIGINT and drain, reloading on SIGHUP, keeping systemd (if any) informed."""
     pid = os.getpid()
     notifier = _systemd.Notifier.from_environ(environ)
     server = Server(config, _systemd.inherited_listeners(_systemd.listen_fds(environ, pid)))
     try:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
 
                 async def serve(task_status: trio.TaskStatus[None]) -> None:
@@ -61,6 +75,11 @@ async def _run(
                 nursery.start_soon(_systemd.heartbeat, notifier, watchdog, server.status)
                 task_status.started(server)
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        notifier.send("RELOADING=1")
+                        _reload(server, load_config, environ)
+                        notifier.send("READY=1", f"STATUS={server.status()}")
+                        continue
                     log.info("%s received, draining", signal.Signals(signum).name)
                     notifier.send("STOPPING=1", f"STATUS={server.status()}")
                     server.shutdown()
@@ -95,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     _logging.setup(config.log, os.environ)
     try:
-        trio.run(_run, config, os.environ)
+        trio.run(_run, config, os.environ, lambda: resolve(args.config, os.environ, overrides))
     except (ConfigError, BaseExceptionGroup) as exc:
         # What only shows when starting: the port is taken, the room store is unreadable...
         error = _startup_error(exc)

@@ -215,6 +215,23 @@ def unstructure(config: Config) -> dict[str, Any]:
     return _CONVERTER.unstructure(config)
 
 
+#: Sections a running server takes over on SIGHUP: nothing in them is bound to a socket, a file or a room.
+RELOADABLE = ("cors", "limits", "log")
+
+
+def reloaded(running: Config, new: Config) -> tuple[Config, list[str]]:
+    """``running`` with ``new``'s reloadable sections, and the other keys that differ (they need a restart)."""
+    merged = attrs.evolve(running, **{name: getattr(new, name) for name in RELOADABLE})
+    kept, wanted = unstructure(merged), unstructure(new)
+    pending = [
+        f"{section}.{key}"
+        for section, values in wanted.items()
+        for key, value in values.items()
+        if kept[section][key] != value
+    ]
+    return merged, pending
+
+
 def load_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML file; I/O and syntax problems become ConfigErrors naming the file."""
     try:

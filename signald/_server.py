@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import trio
 
-from ._config import Config, ConfigError
+from ._config import Config, ConfigError, reloaded
 from ._connection import HttpConnection
 from ._cors import CorsPolicy
 from ._hub import RoomHub
@@ -53,6 +53,20 @@ class Server:
 
     def shutdown(self) -> None:
         self._stop.set()
+
+    def reload(self, config: Config) -> list[str]:
+        """Take over ``config``'s reloadable sections (SIGHUP); return changed keys that need a restart.
+
+        No connection is touched: the new CORS origins and limits apply to every request and
+        every WebSocket accepted from now on, while open WebSockets keep the limits they began with.
+        """
+        self.config, pending = reloaded(self.config, config)
+        self._cors = CorsPolicy(self.config.cors.allowed_origins)
+        self._rest = self._rest_api()
+        return pending
+
+    def _rest_api(self) -> RestApi:
+        return RestApi(self.config, self._hub, lambda: self.draining)
 
     def status(self) -> str:
         """One line for ``systemctl status``."""
@@ -115,7 +129,7 @@ class Server:
         server_config = self.config.server
         async with trio.open_nursery() as rooms:
             self._hub = RoomHub(self.config.rooms, rooms)
-            self._rest = RestApi(self.config, self._hub, lambda: self.draining)
+            self._rest = self._rest_api()
             listeners = await self._listen()
             self.port = listeners[0].socket.getsockname()[1]
             async with trio.open_nursery() as connections:

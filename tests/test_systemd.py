@@ -90,7 +90,7 @@ async def test_watchdog_pings_at_half_of_watchdog_usec_from_the_main_loop(
 ) -> None:
     async with notify_socket(tmp_path) as listener, trio.open_nursery() as nursery:
         environ = {"NOTIFY_SOCKET": listener.address, "WATCHDOG_USEC": "10000000"}
-        await nursery.start(_cli._run, make_config(), environ)
+        await nursery.start(_cli._run, make_config(), environ, make_config)
         ready = await listener.receive()
         assert ready == {"READY": "1", "STATUS": "0 rooms, 0 users"}
         ready_at = trio.current_time()
