@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", help="listen address (overrides server.host and $HOST)")
     parser.add_argument("--port", type=int, help="listen port, 0 for any free port (overrides server.port and $PORT)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="overrides log.level and $LOG_LEVEL")
+    parser.add_argument("--storage-path", metavar="PATH", help="SQLite file for rooms (overrides storage.path)")
     parser.add_argument("--version", action="version", version=f"signald {__version__}")
     return parser
 
@@ -104,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["server.port"] = args.port
     if args.log_level is not None:
         overrides["log.level"] = args.log_level
+    if args.storage_path is not None:
+        overrides["storage.path"] = args.storage_path
     try:
         config = resolve(args.config, os.environ, overrides)
     except ConfigError as exc:

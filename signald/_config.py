@@ -80,6 +80,12 @@ class LimitsConfig:
 
 
 @attrs.frozen
+class StorageConfig:
+    #: SQLite file keeping rooms made by POST /api/rooms across restarts; "" keeps them in memory only.
+    path: str = ""
+
+
+@attrs.frozen
 class LogConfig:
     level: str = "info"
     #: "text" (one human-readable line per event) or "json" (one JSON object per line, for shippers).
@@ -92,6 +98,7 @@ class Config:
     cors: CorsConfig = CorsConfig()
     rooms: RoomsConfig = RoomsConfig()
     limits: LimitsConfig = LimitsConfig()
+    storage: StorageConfig = StorageConfig()
     log: LogConfig = LogConfig()
 
 

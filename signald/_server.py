@@ -22,6 +22,7 @@ from ._cors import CorsPolicy
 from ._hub import RoomHub
 from ._rest import HttpResponse, RestApi, error_response
 from ._session import CLOSE_GOING_AWAY, Session
+from ._store import open_room_store
 
 log = logging.getLogger("signald")
 
@@ -127,8 +128,10 @@ class Server:
     async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until ``shutdown()``, then drain; ``task_status.started`` once accepting."""
         server_config = self.config.server
-        async with trio.open_nursery() as rooms:
-            self._hub = RoomHub(self.config.rooms, rooms)
+        async with open_room_store(self.config.storage.path) as store, trio.open_nursery() as rooms:
+            self._hub = RoomHub(self.config.rooms, rooms, store=store)
+            for saved in store.saved if store is not None else ():
+                self._hub.restore(saved.id, saved.name, saved.max_participants, saved.created_at)
             self._rest = self._rest_api()
             listeners = await self._listen()
             self.port = listeners[0].socket.getsockname()[1]
