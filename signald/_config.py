@@ -52,6 +52,9 @@ class ServerConfig:
     shutdown_grace: float = _bounded(10.0, low=0.1, high=3600)
     #: Seconds a client may take to send one whole HTTP request (and to idle on keep-alive).
     request_timeout: float = _bounded(10.0, low=0.1, high=3600)
+    #: PEM certificate chain and private key: when both are set, the port speaks only HTTPS/WSS.
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 @attrs.frozen
@@ -197,6 +200,9 @@ def _check(config: Config) -> Config:
                 "cors.allowed_origins",
                 f'{origin!r} is not an origin: use scheme://host[:port] without a path, or "*"',
             )
+    if bool(config.server.tls_cert) != bool(config.server.tls_key):
+        missing, given = ("tls_key", "tls_cert") if config.server.tls_cert else ("tls_cert", "tls_key")
+        raise ConfigError(f"server.{missing}", f"required when server.{given} is set")
     if config.limits.send_queue_bytes < config.limits.max_message_bytes:
         raise ConfigError(
             "limits.send_queue_bytes",

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import trio
 
-from ._config import Config, ConfigError, reloaded
+from ._config import Config, ConfigError, ServerConfig, reloaded
 from ._connection import HttpConnection
 from ._cors import CorsPolicy
 from ._hub import RoomHub
@@ -113,9 +114,10 @@ class Server:
             if self.draining and not self._sessions:
                 self._sessions_gone.set()
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
+        transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
         try:
-            host, port, *_ = stream.socket.getpeername()
+            host, port, *_ = transport.socket.getpeername()
             remote = f"{host}:{port}"
         except OSError:
             remote = "?"
@@ -128,6 +130,7 @@ class Server:
     async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until ``shutdown()``, then drain; ``task_status.started`` once accepting."""
         server_config = self.config.server
+        tls = tls_context(server_config)
         async with open_room_store(self.config.storage.path) as store, trio.open_nursery() as rooms:
             self._hub = RoomHub(self.config.rooms, rooms, store=store)
             for saved in store.saved if store is not None else ():
@@ -136,10 +139,15 @@ class Server:
             listeners = await self._listen()
             self.port = listeners[0].socket.getsockname()[1]
             async with trio.open_nursery() as connections:
-                connections.start_soon(trio.serve_listeners, self._handle, listeners)
+                if tls is None:
+                    connections.start_soon(trio.serve_listeners, self._handle, listeners)
+                else:
+                    secure = [trio.SSLListener(listener, tls, https_compatible=True) for listener in listeners]
+                    connections.start_soon(trio.serve_listeners, self._handle, secure)
                 log.info(
-                    "listening on %s%s",
+                    "listening on %s%s%s",
                     ", ".join(_address(listener.socket) for listener in listeners),
+                    " with TLS" if tls else "",
                     " (sockets from systemd)" if self._inherited else "",
                 )
                 task_status.started(self)
@@ -155,6 +163,26 @@ class Server:
                 connections.cancel_scope.cancel()
             rooms.cancel_scope.cancel()
         log.info("stopped")
+
+
+def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
+    """HTTPS/WSS on the one port when ``server.tls_cert`` and ``tls_key`` are set (PEM files).
+
+    Browsers allow getUserMedia only on secure origins, so a VM without a TLS-terminating
+    proxy in front needs this. Python's defaults (TLS 1.2 or newer, its cipher list) apply.
+    """
+    if not config.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.set_alpn_protocols(["http/1.1"])
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except OSError as exc:  # ssl.SSLError is one too
+        problem = exc.strerror or str(exc)
+        raise ConfigError(
+            "server.tls_cert", f"cannot load {config.tls_cert} with {config.tls_key}: {problem}"
+        ) from None
+    return context
 
 
 def _address(sock: trio.socket.SocketType) -> str:
