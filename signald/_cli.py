@@ -60,8 +60,8 @@ async def _run(
 ) -> None:
     """Serve until SIGTERM/SIGINT and drain, reloading on SIGHUP, keeping systemd (if any) informed."""
     pid = os.getpid()
-    notifier = _systemd.Notifier.from_environ(environ)
     server = Server(config, _systemd.inherited_listeners(_systemd.listen_fds(environ, pid)))
+    notifier = _systemd.Notifier.from_environ(environ)
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
@@ -89,6 +89,12 @@ async def _run(
         notifier.close()
 
 
+def _fatal(message: str) -> None:
+    """The one line saying why signald will not run; an error-priority entry in the journal."""
+    priority = "<3>" if _logging.writes_to_journal(os.environ, sys.stderr) else ""
+    print(f"{priority}signald: {message}", file=sys.stderr)
+
+
 def _startup_error(exc: BaseException) -> ConfigError | None:
     """The ConfigError that stopped start-up, unwrapped from trio's exception groups."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
@@ -110,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = resolve(args.config, os.environ, overrides)
     except ConfigError as exc:
-        print(f"signald: configuration error: {exc}", file=sys.stderr)
+        _fatal(f"configuration error: {exc}")
         return EXIT_CONFIG
     if args.check_config:
         print(f"signald: configuration OK ({args.config or 'built-in defaults'})", file=sys.stderr)
@@ -123,6 +129,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         error = _startup_error(exc)
         if error is None:
             raise
-        print(f"signald: cannot start: {error}", file=sys.stderr)
+        _fatal(f"cannot start: {error}")
         return EXIT_STARTUP
     return 0

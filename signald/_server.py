@@ -4,7 +4,9 @@ One nursery holds the room tasks; inside it, a second nursery holds the listener
 connection. Shutdown (``shutdown()``, called on SIGTERM/SIGINT) flips the server into
 draining: /health answers 503, upgrades are refused, every WebSocket is asked to close with
 1001, and once they have (or ``server.shutdown_grace`` has passed) the connection nursery is
-cancelled. Nothing outlives ``serve``.
+cancelled. The room store, when there is one, encloses both, so it is opened (and its rooms
+restored) before anything listens and finishes writing after the last room task has stopped.
+Nothing outlives ``serve``.
 """
 
 from __future__ import annotations

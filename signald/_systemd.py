@@ -34,7 +34,7 @@ class Notifier:
     """Sends sd_notify(3) messages to ``$NOTIFY_SOCKET``; a silent no-op without one."""
 
     def __init__(self, address: str | None) -> None:
-        self._address = None
+        self._address: str | None = None
         self._socket: socket.socket | None = None
         if address and address[0] in "/@":  # other schemes (vsock) are not for services like us
             self._address = "\0" + address[1:] if address[0] == "@" else address

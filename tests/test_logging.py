@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
@@ -14,6 +16,9 @@ import pytest
 
 from signald import _logging
 from signald._config import ConfigError, LogConfig, structure
+
+from ._clients import TIMEOUT
+from ._process import ROOT, SYSTEMD_VARIABLES
 
 
 @pytest.fixture(autouse=True)
@@ -109,3 +114,18 @@ def test_setup_again_applies_a_new_level_and_format(stream: TextIO, signald_logg
 def test_unknown_format_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"^log\.format: must be one of text, json, got 'xml'$"):
         structure({"log": {"format": "xml"}})
+
+
+def test_under_the_journal_even_the_fatal_line_has_a_priority(tmp_path: Path) -> None:
+    path = tmp_path / "stderr"
+    with open(path, "w") as stderr:
+        environ = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
+        result = subprocess.run(
+            [sys.executable, "-m", "signald", "--port", "99999"],
+            stderr=stderr,
+            env={**environ, **journal_of(stderr)},
+            cwd=ROOT,
+            timeout=TIMEOUT,
+        )
+    assert result.returncode == 2
+    assert path.read_text() == "<3>signald: configuration error: --port: must be at most 65535, got 99999\n"
