@@ -19,6 +19,7 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(ValueError):
@@ -51,6 +52,9 @@ class ServerConfig:
     shutdown_grace: float = _bounded(10.0, low=0.1, high=3600)
     #: Seconds a client may take to send one whole HTTP request (and to idle on keep-alive).
     request_timeout: float = _bounded(10.0, low=0.1, high=3600)
+    #: PEM certificate chain and private key: when both are set, the port speaks only HTTPS/WSS.
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 @attrs.frozen
@@ -79,8 +83,16 @@ class LimitsConfig:
 
 
 @attrs.frozen
+class StorageConfig:
+    #: SQLite file keeping rooms made by POST /api/rooms across restarts; "" keeps them in memory only.
+    path: str = ""
+
+
+@attrs.frozen
 class LogConfig:
     level: str = "info"
+    #: "text" (one human-readable line per event) or "json" (one JSON object per line, for shippers).
+    format: str = "text"
 
 
 @attrs.frozen
@@ -113,6 +125,7 @@ class Config:
     cors: CorsConfig = CorsConfig()
     rooms: RoomsConfig = RoomsConfig()
     limits: LimitsConfig = LimitsConfig()
+    storage: StorageConfig = StorageConfig()
     log: LogConfig = LogConfig()
     ice: IceConfig = IceConfig()
     demo: DemoConfig = DemoConfig()
@@ -237,12 +250,17 @@ def _check(config: Config) -> Config:
         _check_ranges(field.name, getattr(config, field.name))
     if config.log.level not in LOG_LEVELS:
         raise ConfigError("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {config.log.level!r}")
+    if config.log.format not in LOG_FORMATS:
+        raise ConfigError("log.format", f"must be one of {', '.join(LOG_FORMATS)}, got {config.log.format!r}")
     for origin in config.cors.allowed_origins:
         if origin != "*" and ("://" not in origin or origin.endswith("/")):
             raise ConfigError(
                 "cors.allowed_origins",
                 f'{origin!r} is not an origin: use scheme://host[:port] without a path, or "*"',
             )
+    if bool(config.server.tls_cert) != bool(config.server.tls_key):
+        missing, given = ("tls_key", "tls_cert") if config.server.tls_cert else ("tls_cert", "tls_key")
+        raise ConfigError(f"server.{missing}", f"required when server.{given} is set")
     for index, server in enumerate(config.ice.servers):
         _check_ice_server(f"ice.servers[{index}]", server)
     if config.limits.send_queue_bytes < config.limits.max_message_bytes:
@@ -268,6 +286,23 @@ def structure(data: Mapping[str, Any]) -> Config:
 
 def unstructure(config: Config) -> dict[str, Any]:
     return _CONVERTER.unstructure(config)
+
+
+#: Sections a running server takes over on SIGHUP: nothing in them is bound to a socket, a file or a room.
+RELOADABLE = ("cors", "limits", "log")
+
+
+def reloaded(running: Config, new: Config) -> tuple[Config, list[str]]:
+    """``running`` with ``new``'s reloadable sections, and the other keys that differ (they need a restart)."""
+    merged = attrs.evolve(running, **{name: getattr(new, name) for name in RELOADABLE})
+    kept, wanted = unstructure(merged), unstructure(new)
+    pending = [
+        f"{section}.{key}"
+        for section, values in wanted.items()
+        for key, value in values.items()
+        if kept[section][key] != value
+    ]
+    return merged, pending
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
