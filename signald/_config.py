@@ -20,6 +20,7 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(ValueError):
@@ -55,6 +56,9 @@ class ServerConfig:
     #: Addresses (or CIDR networks) of reverse proxies whose X-Forwarded-For header is believed
     #: for per-address limits; from anyone else the header is ignored, since anyone can send it.
     trusted_proxies: tuple[str, ...] = ()
+    #: PEM certificate chain and private key: when both are set, the port speaks only HTTPS/WSS.
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 @attrs.frozen
@@ -118,8 +122,40 @@ class AuthConfig:
 
 
 @attrs.frozen
+class StorageConfig:
+    #: SQLite file keeping rooms made by POST /api/rooms across restarts; "" keeps them in memory only.
+    path: str = ""
+
+
+@attrs.frozen
 class LogConfig:
     level: str = "info"
+    #: "text" (one human-readable line per event) or "json" (one JSON object per line, for shippers).
+    format: str = "text"
+
+
+@attrs.frozen
+class IceServer:
+    """One entry of ``[ice] servers``, shaped like the browser's ``RTCIceServer``."""
+
+    urls: tuple[str, ...]
+    #: TURN needs both; STUN needs neither. Browsers reject a TURN entry without them.
+    username: str | None = None
+    credential: str | None = None
+
+
+@attrs.frozen
+class IceConfig:
+    #: STUN/TURN servers clients should use, served at GET /api/ice-servers. Empty = host
+    #: candidates only, which is enough on one machine or one LAN.
+    servers: tuple[IceServer, ...] = ()
+
+
+@attrs.frozen
+class DemoConfig:
+    #: Serve the demo client at GET /. Off by default: a production signaling server usually
+    #: sits behind an application that serves its own pages.
+    enabled: bool = False
 
 
 @attrs.frozen
@@ -129,7 +165,10 @@ class Config:
     rooms: RoomsConfig = RoomsConfig()
     limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
+    storage: StorageConfig = StorageConfig()
     log: LogConfig = LogConfig()
+    ice: IceConfig = IceConfig()
+    demo: DemoConfig = DemoConfig()
 
 
 def _strict_converter() -> cattrs.Converter:
@@ -171,6 +210,21 @@ def _strict_converter() -> cattrs.Converter:
     conv.register_structure_hook(str, structure_str)
     conv.register_structure_hook(bool, structure_bool)
     conv.register_structure_hook_func(lambda t: t == tuple[str, ...], structure_str_tuple)
+
+    # cattrs would iterate a string as if it were the list, and report each character.
+    ice_servers = conv.get_structure_hook(tuple[IceServer, ...])
+
+    def structure_ice_servers(value: Any, type_: type) -> tuple[IceServer, ...]:
+        if not isinstance(value, list | tuple):
+            raise TypeError(f"expected a list of tables, got {_describe(value)}")
+        for index, item in enumerate(value):
+            if not isinstance(item, Mapping):
+                raise TypeError(
+                    f'item {index}: expected a table like {{ urls = ["stun:host:3478"] }}, got {_describe(item)}'
+                )
+        return ice_servers(value, type_)
+
+    conv.register_structure_hook_func(lambda t: t == tuple[IceServer, ...], structure_ice_servers)
     return conv
 
 
@@ -191,9 +245,10 @@ def _first_error(exc: BaseException, path: str) -> ConfigError:
         return ConfigError(f"{path}.{key}".lstrip("."), "unknown key")
     if isinstance(exc, ClassValidationError | IterableValidationError):
         for sub in exc.exceptions:
-            note = next((n for n in getattr(sub, "__notes__", []) if hasattr(n, "name")), None)
-            name = getattr(note, "name", None)
-            sub_path = f"{path}.{name}" if name is not None else path
+            notes = getattr(sub, "__notes__", [])
+            note = next((n for n in notes if hasattr(n, "name") or hasattr(n, "index")), None)
+            name, index = getattr(note, "name", None), getattr(note, "index", None)
+            sub_path = f"{path}.{name}" if name is not None else f"{path}[{index}]" if index is not None else path
             return _first_error(sub, sub_path)
     if isinstance(exc, KeyError):
         return ConfigError(path.lstrip("."), "required key missing")
@@ -214,11 +269,29 @@ def _check_ranges(section_name: str, section: Any) -> None:
             raise ConfigError(key, f"must be at most {high}, got {value}")
 
 
+#: URL schemes an RTCIceServer accepts (RFC 7064, RFC 7065).
+ICE_SCHEMES = ("stun", "stuns", "turn", "turns")
+
+
+def _check_ice_server(key: str, server: IceServer) -> None:
+    """Refuse here what ``new RTCPeerConnection`` would refuse in every visitor's browser."""
+    if not server.urls:
+        raise ConfigError(f"{key}.urls", "must list at least one URL")
+    for url in server.urls:
+        scheme, colon, rest = url.partition(":")
+        if not colon or scheme not in ICE_SCHEMES or not rest or rest.startswith("/"):
+            raise ConfigError(f"{key}.urls", f"{url!r} is not a STUN/TURN URL like stun:host:port or turn:host:port")
+        if scheme.startswith("turn") and (server.username is None or server.credential is None):
+            raise ConfigError(key, f"{url} is a TURN server: set both username and credential")
+
+
 def _check(config: Config) -> Config:
     for field in attrs.fields(Config):
         _check_ranges(field.name, getattr(config, field.name))
     if config.log.level not in LOG_LEVELS:
         raise ConfigError("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {config.log.level!r}")
+    if config.log.format not in LOG_FORMATS:
+        raise ConfigError("log.format", f"must be one of {', '.join(LOG_FORMATS)}, got {config.log.format!r}")
     for origin in config.cors.allowed_origins:
         if origin != "*" and ("://" not in origin or origin.endswith("/")):
             raise ConfigError(
@@ -238,6 +311,11 @@ def _check(config: Config) -> Config:
     for index, key in enumerate(auth.api_keys):
         if len(key) < MIN_API_KEY:
             raise ConfigError("auth.api_keys", f"key {index} must be at least {MIN_API_KEY} characters")
+    if bool(config.server.tls_cert) != bool(config.server.tls_key):
+        missing, given = ("tls_key", "tls_cert") if config.server.tls_cert else ("tls_cert", "tls_key")
+        raise ConfigError(f"server.{missing}", f"required when server.{given} is set")
+    for index, server in enumerate(config.ice.servers):
+        _check_ice_server(f"ice.servers[{index}]", server)
     if config.limits.send_queue_bytes < config.limits.max_message_bytes:
         raise ConfigError(
             "limits.send_queue_bytes",
@@ -261,6 +339,23 @@ def structure(data: Mapping[str, Any]) -> Config:
 
 def unstructure(config: Config) -> dict[str, Any]:
     return _CONVERTER.unstructure(config)
+
+
+#: Sections a running server takes over on SIGHUP: nothing in them is bound to a socket, a file or a room.
+RELOADABLE = ("cors", "limits", "log")
+
+
+def reloaded(running: Config, new: Config) -> tuple[Config, list[str]]:
+    """``running`` with ``new``'s reloadable sections, and the other keys that differ (they need a restart)."""
+    merged = attrs.evolve(running, **{name: getattr(new, name) for name in RELOADABLE})
+    kept, wanted = unstructure(merged), unstructure(new)
+    pending = [
+        f"{section}.{key}"
+        for section, values in wanted.items()
+        for key, value in values.items()
+        if kept[section][key] != value
+    ]
+    return merged, pending
 
 
 def load_file(path: str | Path) -> dict[str, Any]:

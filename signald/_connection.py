@@ -122,7 +122,9 @@ class HttpConnection:
             await self._stream.send_all(data)
 
     async def _respond(self, response: HttpResponse, *, close: bool = False) -> None:
-        headers = [("Content-Length", str(len(response.body))), *response.headers]
+        # RFC 9110 8.6: no Content-Length on a 204, and on a 304 only the full body's size.
+        length = [] if response.status in (204, 304) else [("Content-Length", str(len(response.body)))]
+        headers = [*length, *response.headers]
         if close or self._server.draining:
             headers.append(("Connection", "close"))
         with trio.move_on_after(self._server.config.server.request_timeout):

@@ -109,6 +109,13 @@ class BucketsByKey:
     def __len__(self) -> int:
         return len(self._buckets)
 
+    def retune(self, rate: float, burst: int) -> None:
+        """New rate and burst (a configuration reload), for known keys too: nobody starts afresh."""
+        self._rate, self._burst = rate, burst
+        for bucket in self._buckets.values():
+            bucket.rate, bucket.burst = rate, burst
+            bucket.tokens = min(bucket.tokens, burst)
+
     def take(self, key: str, now: float) -> float:
         """0.0 if ``key`` may go ahead now (a token is taken), else the seconds to wait."""
         bucket = self._buckets.get(key)

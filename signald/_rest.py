@@ -15,13 +15,14 @@ from typing import Any
 import attrs
 
 from ._auth import ApiKeys
-from ._config import Config
+from ._config import Config, IceServer
 from ._cors import CorsPolicy
 from ._hub import RoomHub, TooManyRooms
 from ._ids import format_timestamp, utc_now
 from ._limits import BucketsByKey, retry_after
 from ._messages import RATE_LIMITED, ROOM_ID, TOO_MANY_ROOMS, UNAUTHORIZED
 from ._room import Room
+from ._static import load_assets
 
 MAX_ROOM_NAME = 100
 #: Request bodies larger than this get 413 (enforced while reading, in ``_connection``).
@@ -65,6 +66,16 @@ def error_response(status: int, code: str, message: str, headers: list[tuple[str
     return json_response(status, {"error": code, "message": message}, headers)
 
 
+def ice_server_json(server: IceServer) -> dict[str, Any]:
+    """An ``RTCIceServer`` dictionary: exactly what ``new RTCPeerConnection`` expects."""
+    body: dict[str, Any] = {"urls": list(server.urls)}
+    if server.username is not None:
+        body["username"] = server.username
+    if server.credential is not None:
+        body["credential"] = server.credential
+    return body
+
+
 def room_json(room: Room, *, with_participants: bool = False) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": room.id,
@@ -86,13 +97,15 @@ def room_json(room: Room, *, with_participants: bool = False) -> dict[str, Any]:
 
 
 class RestApi:
-    """Routes: GET /health, GET/POST /api/rooms, GET /api/rooms/<id>, plus CORS preflight."""
+    """Routes: GET /health, GET/POST /api/rooms, GET /api/rooms/<id>, GET /api/ice-servers,
+    the demo's files when ``demo.enabled``, plus CORS preflight."""
 
     def __init__(
         self,
         config: Config,
         hub: RoomHub,
         is_draining: Callable[[], bool],
+        room_creations: BucketsByKey,
         clock: Callable[[], datetime] = utc_now,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -101,9 +114,11 @@ class RestApi:
         self._hub = hub
         self._is_draining = is_draining
         self._clock = clock
+        self._ice_servers = {"iceServers": [ice_server_json(server) for server in config.ice.servers]}
+        self._assets = load_assets() if config.demo.enabled else {}
         self._monotonic = monotonic
         self._api_keys = ApiKeys(config.auth.api_keys)
-        self._room_creations = BucketsByKey(config.limits.room_create_rate, config.limits.room_create_burst)
+        self._room_creations = room_creations
 
     def _route(self, path: str) -> tuple[tuple[str, ...], Callable[[HttpRequest], HttpResponse]] | None:
         """The methods a path allows and the handler for them, or None if no such path."""
@@ -116,6 +131,11 @@ class RestApi:
             return ("GET",), lambda request: self._room(room_id)
         if path == "/ws":
             return ("GET",), self._ws_without_upgrade
+        if path == "/api/ice-servers":
+            return ("GET",), lambda request: json_response(200, self._ice_servers)
+        asset = self._assets.get(path)
+        if asset is not None:
+            return ("GET",), lambda request: HttpResponse(*asset.respond(request.headers.get("if-none-match")))
         return None
 
     def handle(self, request: HttpRequest) -> HttpResponse:

@@ -179,7 +179,11 @@ class Session:
                 self._reply_error(m.UNAUTHORIZED, problem, message.request_id)
                 return
         peer = Peer(new_peer_id(), message.username, self.outbox)
-        room = await self._hub.join(message.room_id, peer, message.request_id)
+        # Shielded: once the room has the join it will seat the peer, and a session cancelled
+        # before hearing so would never send the matching leave, leaving a ghost member.
+        room = None
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + self._limits.close_timeout):
+            room = await self._hub.join(message.room_id, peer, message.request_id)
         if room is not None:
             self._peer, self._room = peer, room
             self._idle.deadline = math.inf

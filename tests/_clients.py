@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -58,10 +59,12 @@ class Client:
 
 
 @asynccontextmanager
-async def connect(port: int, *, origin: str | None = None, **kwargs: Any) -> AsyncIterator[Client]:
+async def connect(
+    port: int, *, origin: str | None = None, ssl_context: ssl.SSLContext | None = None, **kwargs: Any
+) -> AsyncIterator[Client]:
     headers = [(b"Origin", origin.encode())] if origin else None
     async with open_websocket(
-        "127.0.0.1", port, "/ws", use_ssl=False, extra_headers=headers, connect_timeout=TIMEOUT, **kwargs
+        "127.0.0.1", port, "/ws", use_ssl=ssl_context or False, extra_headers=headers, connect_timeout=TIMEOUT, **kwargs
     ) as ws:
         yield Client(ws)
 

@@ -142,3 +142,52 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
         resolve(tmp_path / "missing.toml")
     with pytest.raises(ConfigError, match="invalid TOML"):
         resolve(write(tmp_path, "[server\n"))
+
+
+def test_ice_servers_and_demo() -> None:
+    assert (Config().ice.servers, Config().demo.enabled) == ((), False)
+    config = structure(
+        {
+            "ice": {
+                "servers": [
+                    {"urls": ["stun:stun.example.com:3478"]},
+                    {
+                        "urls": ["turn:turn.example.com:3478", "turns:turn.example.com:5349"],
+                        "username": "u",
+                        "credential": "c",
+                    },
+                ]
+            },
+            "demo": {"enabled": True},
+        }
+    )
+    assert config.demo.enabled
+    assert [server.urls for server in config.ice.servers] == [
+        ("stun:stun.example.com:3478",),
+        ("turn:turn.example.com:3478", "turns:turn.example.com:5349"),
+    ]
+    assert (config.ice.servers[1].username, config.ice.servers[1].credential) == ("u", "c")
+    assert config.ice.servers[0].username is None
+
+
+@pytest.mark.parametrize(
+    ("servers", "key", "words"),
+    [
+        ("stun:a", "ice.servers", "list of tables"),
+        (["stun:a"], "ice.servers", "item 0: expected a table like { urls"),
+        ([{"urls": "stun:a"}], "ice.servers[0].urls", "list of strings"),
+        ([{"urls": ["stun:a"]}, {"urls": ["stun:b"], "user": "x"}], "ice.servers[1].user", "unknown key"),
+        ([{"urls": ["stun:a"], "username": 5}], "ice.servers[0].username", "string"),
+        ([{}], "ice.servers[0].urls", "required"),
+        ([{"urls": []}], "ice.servers[0].urls", "at least one URL"),
+        ([{"urls": ["https://turn.example.com"]}], "ice.servers[0].urls", "not a STUN/TURN URL"),
+        ([{"urls": ["stun:"]}], "ice.servers[0].urls", "not a STUN/TURN URL"),
+        ([{"urls": ["turn:t.example.com"], "username": "u"}], "ice.servers[0]", "set both username and credential"),
+        ([{"urls": ["stun:a", "turns:t"], "credential": "c"}], "ice.servers[0]", "TURN server"),
+    ],
+)
+def test_bad_ice_servers_name_their_entry(servers: Any, key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        structure({"ice": {"servers": servers}})
+    assert info.value.key == key
+    assert words in str(info.value)
