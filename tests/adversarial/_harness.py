@@ -21,7 +21,6 @@ from typing import Any
 
 import trio
 import trio.testing
-import trio_websocket
 import wsproto
 import wsproto.events as ev
 
@@ -116,15 +115,10 @@ class RawWebSocket:
         self._text = ""
 
     @classmethod
-    async def open(
-        cls, port: int, *, source: str | None = None, rcvbuf: int | None = None, headers: list[tuple[str, str]] = ()
-    ) -> RawWebSocket:
+    async def open(cls, port: int, *, rcvbuf: int | None = None) -> RawWebSocket:
         """Connected and upgraded; raises AssertionError if the handshake was refused."""
-        raw = cls(await raw_stream(port, source=source, rcvbuf=rcvbuf))
-        request = ev.Request(
-            host="127.0.0.1", target="/ws", extra_headers=[(k.encode(), v.encode()) for k, v in headers]
-        )
-        await raw.stream.send_all(raw._ws.send(request))
+        raw = cls(await raw_stream(port, rcvbuf=rcvbuf))
+        await raw.stream.send_all(raw._ws.send(ev.Request(host="127.0.0.1", target="/ws")))
         event = await raw.next_event()
         assert isinstance(event, ev.AcceptConnection), event
         return raw
@@ -169,18 +163,6 @@ async def raw_websocket(port: int, **kwargs: Any) -> AsyncIterator[RawWebSocket]
     raw = await RawWebSocket.open(port, **kwargs)
     async with raw.stream:
         yield raw
-
-
-@asynccontextmanager
-async def connect_from(port: int, source: str) -> AsyncIterator[Client]:
-    """A regular WebSocket client connecting from another loopback address."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=source)
-    async with trio.open_nursery() as nursery:
-        ws = await trio_websocket.wrap_client_stream(nursery, stream, "127.0.0.1", "/ws")
-        try:
-            yield Client(ws)
-        finally:
-            await ws.aclose()
 
 
 async def upgrade_status(
