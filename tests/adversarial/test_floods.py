@@ -12,6 +12,7 @@ from trio_websocket import ConnectionClosed
 from wsproto.events import CloseConnection, TextMessage
 
 from .._clients import TIMEOUT, connect, http_request, text_frame
+from ..conftest import make_config
 from ._harness import (
     ABUSER,
     assert_healthy,
@@ -244,3 +245,26 @@ async def test_idle_clock_restarts_after_leaving(server_factory: Callable[..., A
             await client.ws.get_message()
         assert info.value.reason.code == 1000
         assert trio.current_time() - left_at >= 0.2
+
+
+async def test_limits_follow_a_reload_and_budgets_carry_over(server_factory: Callable[..., Any]) -> None:
+    tight = {"max_connections_per_ip": 1, "room_create_rate": 0.01, "room_create_burst": 1}
+    server = await server_factory(limits=tight)
+    status, first = await upgrade_status(server.port, source=ABUSER)
+    assert status == 101
+    status, refused = await upgrade_status(server.port, source=ABUSER)
+    assert status == 429
+    await refused.aclose()
+    for expected in (201, 429):
+        status, _, _ = await http_request(server.port, "POST", "/api/rooms", {"name": "r"}, source=ABUSER)
+        assert status == expected
+    assert server.reload(make_config(limits={**tight, "max_connections_per_ip": 2, "room_create_burst": 3})) == []
+    status, second = await upgrade_status(server.port, source=ABUSER)
+    assert status == 101  # the new cap counts the connection opened before the reload
+    status, _, _ = await http_request(server.port, "POST", "/api/rooms", {"name": "r"}, source=ABUSER)
+    assert status == 429  # a reload is no way to get a fresh budget
+    for _ in range(3):
+        status, _, _ = await http_request(server.port, "POST", "/api/rooms", {"name": "r"}, source="127.0.0.3")
+        assert status == 201  # a new address gets the new burst
+    for stream in (first, second):
+        await stream.aclose()
