@@ -188,5 +188,7 @@ class RoomMachine(RuleBasedStateMachine):
         assert len({slot[0].peer_id for slot in seated_clients if slot}) == sum(1 for s in seated_clients if s)
 
 
-RoomMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=30, deadline=None, derandomize=True)
+RoomMachine.TestCase.settings = settings(
+    max_examples=100, stateful_step_count=30, deadline=None, derandomize=True, database=None
+)
 TestRoomProperties = RoomMachine.TestCase
