@@ -8,6 +8,7 @@ be able to find the line of TOML to fix without reading our source.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import tomllib
 from collections.abc import Mapping
@@ -52,6 +53,9 @@ class ServerConfig:
     shutdown_grace: float = _bounded(10.0, low=0.1, high=3600)
     #: Seconds a client may take to send one whole HTTP request (and to idle on keep-alive).
     request_timeout: float = _bounded(10.0, low=0.1, high=3600)
+    #: Addresses (or CIDR networks) of reverse proxies whose X-Forwarded-For header is believed
+    #: for per-address limits; from anyone else the header is ignored, since anyone can send it.
+    trusted_proxies: tuple[str, ...] = ()
     #: PEM certificate chain and private key: when both are set, the port speaks only HTTPS/WSS.
     tls_cert: str = ""
     tls_key: str = ""
@@ -69,6 +73,8 @@ class RoomsConfig:
     auto_create: bool = True
     #: Seconds a POSTed room may stay empty before it is removed.
     idle_ttl: float = _bounded(86400.0, low=1, high=10 * 365 * 86400)
+    #: Live rooms at most (each is a task and some memory); further creation is refused.
+    max_rooms: int = _bounded(100_000, low=1, high=10_000_000)
 
 
 @attrs.frozen
@@ -80,6 +86,39 @@ class LimitsConfig:
     ping_timeout: float = _bounded(20.0, low=0.01, high=3600)
     #: Seconds a WebSocket close handshake may take before the TCP stream is cut.
     close_timeout: float = _bounded(5.0, low=0.01, high=600)
+    #: Per-connection token bucket: messages per second, and the burst allowed on top.
+    message_rate: float = _bounded(1000.0, low=0.01, high=1_000_000)
+    message_burst: int = _bounded(2000, low=1, high=10_000_000)
+    #: Messages dropped for the rate since the bucket was last full before closing (1008); 0 = never.
+    rate_limit_close_after: int = _bounded(1000, low=0, high=10_000_000)
+    #: Open WebSockets: in total, and from one client address (an IPv6 /64 counts as one).
+    max_connections: int = _bounded(100_000, low=1, high=10_000_000)
+    max_connections_per_ip: int = _bounded(10_000, low=1, high=10_000_000)
+    #: Rooms one client address may create over REST: per second, and the burst on top.
+    room_create_rate: float = _bounded(10.0, low=0.001, high=1_000_000)
+    room_create_burst: int = _bounded(200, low=1, high=10_000_000)
+    #: Seconds a WebSocket may stay open without being in a room (after connecting or leaving).
+    idle_timeout: float = _bounded(600.0, low=0.01, high=30 * 86400)
+    #: Message shape bounds, in characters, beyond the frame size: an SDP, each string of an ICE
+    #: candidate, a username; and how deeply a message's JSON may nest.
+    max_sdp_length: int = _bounded(32768, low=1, high=16 * 1024 * 1024)
+    max_candidate_length: int = _bounded(1024, low=1, high=16 * 1024 * 1024)
+    max_username_length: int = _bounded(64, low=1, high=4096)
+    max_json_depth: int = _bounded(32, low=2, high=1000)
+
+
+#: Shortest ``auth.secret``: HS256 wants a key at least as long as its 256-bit hash (RFC 7518).
+MIN_SECRET = 32
+#: Shortest ``auth.api_keys`` entry: long enough that guessing one is hopeless.
+MIN_API_KEY = 16
+
+
+@attrs.frozen
+class AuthConfig:
+    #: HS256 secret for join tokens; empty = anyone may join any room.
+    secret: str = attrs.field(default="", repr=False)
+    #: Bearer keys for mutating REST calls; empty = no key needed.
+    api_keys: tuple[str, ...] = attrs.field(default=(), repr=False)
 
 
 @attrs.frozen
@@ -125,6 +164,7 @@ class Config:
     cors: CorsConfig = CorsConfig()
     rooms: RoomsConfig = RoomsConfig()
     limits: LimitsConfig = LimitsConfig()
+    auth: AuthConfig = AuthConfig()
     storage: StorageConfig = StorageConfig()
     log: LogConfig = LogConfig()
     ice: IceConfig = IceConfig()
@@ -258,6 +298,19 @@ def _check(config: Config) -> Config:
                 "cors.allowed_origins",
                 f'{origin!r} is not an origin: use scheme://host[:port] without a path, or "*"',
             )
+    for proxy in config.server.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(
+                "server.trusted_proxies", f"{proxy!r} is not an IP address or network (e.g. 10.0.0.0/8)"
+            ) from None
+    auth = config.auth
+    if auth.secret and len(auth.secret) < MIN_SECRET:
+        raise ConfigError("auth.secret", f"must be at least {MIN_SECRET} characters (or empty to turn tokens off)")
+    for index, key in enumerate(auth.api_keys):
+        if len(key) < MIN_API_KEY:
+            raise ConfigError("auth.api_keys", f"key {index} must be at least {MIN_API_KEY} characters")
     if bool(config.server.tls_cert) != bool(config.server.tls_key):
         missing, given = ("tls_key", "tls_cert") if config.server.tls_cert else ("tls_cert", "tls_key")
         raise ConfigError(f"server.{missing}", f"required when server.{given} is set")

@@ -60,6 +60,13 @@ class _Relay:
 _Command = _Join | _Leave | _Relay
 
 
+class TooManyRooms(Exception):
+    """``rooms.max_rooms`` rooms are live already; creating another is refused."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the server has {limit} rooms, its limit; try again later")
+
+
 class RoomTask:
     """A room, its channel, and the task that applies the channel's commands to it."""
 
@@ -170,6 +177,8 @@ class RoomHub:
 
     def create(self, name: str, max_participants: int | None = None) -> Room:
         """A persistent room (POST /api/rooms), with a fresh random id."""
+        if self.at_capacity:
+            raise TooManyRooms(self.config.max_rooms)
         room_id = new_room_id()
         while room_id in self._rooms:  # 96 random bits: never in practice, but cheap to rule out
             room_id = new_room_id()
@@ -177,6 +186,10 @@ class RoomHub:
         if self._store is not None:
             self._store.created(room)
         return room
+
+    @property
+    def at_capacity(self) -> bool:
+        return len(self._rooms) >= self.config.max_rooms
 
     def restore(self, room_id: str, name: str, max_participants: int, created_at: datetime) -> Room:
         """Bring back a room the store kept across a restart; its idle time counts from now.
@@ -219,6 +232,10 @@ class RoomHub:
             if task is None:
                 if not self.config.auto_create:
                     member.deliver(m.encode_error(m.ROOM_NOT_FOUND, f"room {room_id} does not exist", request_id))
+                    return None
+                if self.at_capacity:
+                    refusal = TooManyRooms(self.config.max_rooms)
+                    member.deliver(m.encode_error(m.TOO_MANY_ROOMS, str(refusal), request_id))
                     return None
                 task = self._start(room_id, room_id, self.config.max_participants, "join")
             try:

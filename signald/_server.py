@@ -19,10 +19,13 @@ from contextlib import contextmanager
 
 import trio
 
+from ._addresses import TrustedProxies
+from ._auth import JoinTokens
 from ._config import Config, ConfigError, ServerConfig, reloaded
 from ._connection import HttpConnection
 from ._cors import CorsPolicy
 from ._hub import RoomHub
+from ._limits import BucketsByKey, ConnectionCounter, Refusal
 from ._rest import HttpResponse, RestApi, error_response
 from ._session import CLOSE_GOING_AWAY, Session
 from ._store import open_room_store
@@ -46,6 +49,10 @@ class Server:
         self._sessions: set[Session] = set()
         self._stop = trio.Event()
         self._sessions_gone = trio.Event()
+        self.proxies = TrustedProxies(config.server.trusted_proxies)
+        self.connections = ConnectionCounter(config.limits.max_connections, config.limits.max_connections_per_ip)
+        self.room_creations = BucketsByKey(config.limits.room_create_rate, config.limits.room_create_burst)
+        self.tokens = JoinTokens(config.auth.secret) if config.auth.secret else None
 
     @property
     def hub(self) -> RoomHub:
@@ -66,11 +73,15 @@ class Server:
         """
         self.config, pending = reloaded(self.config, config)
         self._cors = CorsPolicy(self.config.cors.allowed_origins)
+        limits = self.config.limits
+        self.connections.total_cap = limits.max_connections
+        self.connections.per_address_cap = limits.max_connections_per_ip
+        self.room_creations.retune(limits.room_create_rate, limits.room_create_burst)
         self._rest = self._rest_api()
         return pending
 
     def _rest_api(self) -> RestApi:
-        return RestApi(self.config, self._hub, lambda: self.draining)
+        return RestApi(self.config, self._hub, lambda: self.draining, self.room_creations)
 
     def status(self) -> str:
         """One line for ``systemctl status``."""
@@ -86,8 +97,11 @@ class Server:
         except OSError as exc:
             raise ConfigError("server.port", f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
-    def check_upgrade(self, headers: Mapping[str, str]) -> HttpResponse | None:
-        """Why a WebSocket upgrade must be refused, as the HTTP response to refuse it with."""
+    def check_upgrade(self, headers: Mapping[str, str], client: str) -> HttpResponse | None:
+        """Why a WebSocket upgrade must be refused, as the HTTP response to refuse it with.
+
+        ``client`` is the per-address key the connection caps count under.
+        """
         origin = headers.get("origin")
         cors = self._cors.headers(origin)
         if self.draining:
@@ -102,6 +116,18 @@ class Server:
             )
         if not headers.get("sec-websocket-key"):
             return error_response(400, "bad-upgrade", "Sec-WebSocket-Key is missing", cors)
+        refusal = self.connections.refusal(client)
+        if refusal is Refusal.ADDRESS:
+            log.info("%s: connection refused, %d open from this address", client, self.connections.count(client))
+            return error_response(
+                429,
+                "too-many-connections",
+                f"{self.connections.per_address_cap} connections from {client} are open already",
+                cors,
+            )
+        if refusal is Refusal.SERVER:
+            log.info("connection from %s refused, %d open in total", client, self.connections.total)
+            return error_response(503, "server-full", "the server has as many connections as it takes", cors)
         return None
 
     @contextmanager

@@ -75,10 +75,15 @@ async def http_request(
     target: str,
     body: bytes | dict[str, Any] | list[Any] | None = None,
     headers: list[tuple[str, str]] | None = None,
+    *,
+    source: str | None = None,
 ) -> tuple[int, dict[str, str], Any]:
-    """One request on a fresh connection: (status, lower-cased headers, parsed JSON or bytes)."""
+    """One request on a fresh connection: (status, lower-cased headers, parsed JSON or bytes).
+
+    ``source`` is the loopback address to connect from (127.0.0.2, ...), to be another client.
+    """
     with trio.fail_after(TIMEOUT):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=source)
         async with stream:
             conn = h11.Connection(h11.CLIENT)
             data = json.dumps(body).encode() if isinstance(body, dict | list) else (body or b"")
@@ -118,8 +123,26 @@ UPGRADE_REQUEST = (
 )
 
 
+def frame(
+    opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True, rsv: int = 0, length: int = -1
+) -> bytes:
+    """A client frame built by hand, for raw-socket tests; any field can be made wrong.
+
+    Masking uses a zero key, so the payload goes out as it is. ``length`` overrides the
+    length the header claims.
+    """
+    size = len(payload) if length < 0 else length
+    head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
+    mask_bit = 0x80 if masked else 0
+    if size < 126:
+        head += bytes([mask_bit | size])
+    elif size < 2**16:
+        head += bytes([mask_bit | 126]) + size.to_bytes(2, "big")
+    else:
+        head += bytes([mask_bit | 127]) + size.to_bytes(8, "big")
+    return head + (b"\x00\x00\x00\x00" if masked else b"") + payload
+
+
 def text_frame(message: dict[str, Any]) -> bytes:
-    """A client text frame built by hand (masked with a zero key), for raw-socket tests."""
-    payload = json.dumps(message).encode()
-    assert len(payload) < 126
-    return bytes([0x81, 0x80 | len(payload)]) + b"\x00\x00\x00\x00" + payload
+    """A client text frame carrying ``message`` as JSON."""
+    return frame(0x1, json.dumps(message).encode())

@@ -258,7 +258,9 @@ async def test_membership_events_same_order_for_all_members(server: Server) -> N
 
 
 async def test_slow_reader_is_evicted_and_room_keeps_going(server_factory: Callable[..., Any]) -> None:
-    server = await server_factory(limits={"max_message_bytes": 65536, "send_queue_bytes": 65536})
+    server = await server_factory(
+        limits={"max_message_bytes": 65536, "send_queue_bytes": 65536, "max_sdp_length": 65536}
+    )
     sdp = "x" * 60_000
     # message_queue_size=1: once one frame is buffered the slow client stops reading its socket.
     async with (
