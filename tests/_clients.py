@@ -69,6 +69,16 @@ async def connect(
         yield Client(ws)
 
 
+@asynccontextmanager
+async def joined_pair(port: int, room: str) -> AsyncIterator[tuple[Client, Client]]:
+    """Clients "a" and "b" in ``room``, with a's ``user-joined`` for b already read."""
+    async with connect(port) as a, connect(port) as b:
+        await a.join(room, "a")
+        await b.join(room, "b")
+        await a.expect("user-joined", peerId=b.peer_id)
+        yield a, b
+
+
 async def http_request(
     port: int,
     method: str,

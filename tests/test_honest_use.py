@@ -16,15 +16,12 @@ from signald import Server
 from signald._config import LimitsConfig
 from signald._limits import ConnectionCounter
 
-from ._clients import connect, http_request
+from ._clients import connect, http_request, joined_pair
 
 
 async def test_burst_of_1000_while_reading_replies(server: Server) -> None:
     assert server.port
-    async with connect(server.port) as a, connect(server.port) as b:
-        await a.join("burst", "a")
-        await b.join("burst", "b")
-        await a.expect("user-joined")
+    async with joined_pair(server.port, "burst") as (a, b):
         received: list[dict[str, object]] = []
 
         async def read_all() -> None:
