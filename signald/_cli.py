@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import trio
 
-from . import __version__, _logging
+from . import __version__, _logging, _systemd
 from ._config import LOG_LEVELS, Config, ConfigError, resolve
 from ._server import Server
 
@@ -23,6 +24,8 @@ EXIT_STARTUP = 1
 #: by reference counting; at 700, collections took about a sixth of the CPU of a relay at
 #: 1,000 connections and of a join storm (bench/). At most this many objects wait longer.
 GC_THRESHOLD = 20_000
+
+log = logging.getLogger("signald")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,19 +39,73 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", help="listen address (overrides server.host and $HOST)")
     parser.add_argument("--port", type=int, help="listen port, 0 for any free port (overrides server.port and $PORT)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="overrides log.level and $LOG_LEVEL")
+    parser.add_argument("--storage-path", metavar="PATH", help="SQLite file for rooms (overrides storage.path)")
     parser.add_argument("--version", action="version", version=f"signald {__version__}")
     return parser
 
 
-async def _run(config: Config) -> None:
-    server = Server(config)
-    async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            await nursery.start(server.serve)
-            async for signum in signals:
-                print(f"signald: {signal.Signals(signum).name} received, draining", file=sys.stderr)
-                server.shutdown()
-                break
+def _reload(server: Server, load_config: Callable[[], Config], environ: Mapping[str, str]) -> None:
+    """SIGHUP: apply what a fresh configuration changes that is safe to change under live connections."""
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        log.error("reload refused, keeping the running configuration: %s", exc)
+        return
+    for key in server.reload(config):
+        log.warning("reload: %s changed, which takes a restart; keeping the running value", key)
+    _logging.setup(server.config.log, environ)
+    log.info("configuration reloaded")
+
+
+async def _run(
+    config: Config,
+    environ: Mapping[str, str],
+    load_config: Callable[[], Config],
+    *,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until SIGTERM/SIGINT and drain, reloading on SIGHUP, keeping systemd (if any) informed."""
+    pid = os.getpid()
+    server = Server(config, _systemd.inherited_listeners(_systemd.listen_fds(environ, pid)))
+    notifier = _systemd.Notifier.from_environ(environ)
+    try:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def serve(task_status: trio.TaskStatus[None]) -> None:
+                    await server.serve(task_status=task_status)
+                    nursery.cancel_scope.cancel()  # drained: stop the heartbeat too
+
+                await nursery.start(serve)
+                notifier.send("READY=1", f"STATUS={server.status()}")
+                watchdog = _systemd.watchdog_interval(environ, pid)
+                nursery.start_soon(_systemd.heartbeat, notifier, watchdog, server.status)
+                task_status.started(server)
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        notifier.send("RELOADING=1")
+                        _reload(server, load_config, environ)
+                        notifier.send("READY=1", f"STATUS={server.status()}")
+                        continue
+                    log.info("%s received, draining", signal.Signals(signum).name)
+                    notifier.send("STOPPING=1", f"STATUS={server.status()}")
+                    server.shutdown()
+                    break
+    finally:
+        notifier.close()
+
+
+def _fatal(message: str) -> None:
+    """The one line saying why signald will not run; an error-priority entry in the journal."""
+    priority = "<3>" if _logging.writes_to_journal(os.environ, sys.stderr) else ""
+    print(f"{priority}signald: {message}", file=sys.stderr)
+
+
+def _startup_error(exc: BaseException) -> ConfigError | None:
+    """The ConfigError that stopped start-up, unwrapped from trio's exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, ConfigError) else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,19 +117,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["server.port"] = args.port
     if args.log_level is not None:
         overrides["log.level"] = args.log_level
+    if args.storage_path is not None:
+        overrides["storage.path"] = args.storage_path
     try:
         config = resolve(args.config, os.environ, overrides)
     except ConfigError as exc:
-        print(f"signald: configuration error: {exc}", file=sys.stderr)
+        _fatal(f"configuration error: {exc}")
         return EXIT_CONFIG
     if args.check_config:
         print(f"signald: configuration OK ({args.config or 'built-in defaults'})", file=sys.stderr)
         return 0
-    _logging.setup(config.log.level)
+    _logging.setup(config.log, os.environ)
     gc.set_threshold(GC_THRESHOLD)
     try:
-        trio.run(_run, config)
-    except OSError as exc:
-        print(f"signald: cannot listen on {config.server.host}:{config.server.port}: {exc}", file=sys.stderr)
+        trio.run(_run, config, os.environ, lambda: resolve(args.config, os.environ, overrides))
+    except (ConfigError, BaseExceptionGroup) as exc:
+        # What only shows when starting: the port is taken, the room store is unreadable...
+        error = _startup_error(exc)
+        if error is None:
+            raise
+        _fatal(f"cannot start: {error}")
         return EXIT_STARTUP
     return 0

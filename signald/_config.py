@@ -8,6 +8,7 @@ be able to find the line of TOML to fix without reading our source.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import tomllib
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(ValueError):
@@ -51,6 +53,12 @@ class ServerConfig:
     shutdown_grace: float = _bounded(10.0, low=0.1, high=3600)
     #: Seconds a client may take to send one whole HTTP request (and to idle on keep-alive).
     request_timeout: float = _bounded(10.0, low=0.1, high=3600)
+    #: Addresses (or CIDR networks) of reverse proxies whose X-Forwarded-For header is believed
+    #: for per-address limits; from anyone else the header is ignored, since anyone can send it.
+    trusted_proxies: tuple[str, ...] = ()
+    #: PEM certificate chain and private key: when both are set, the port speaks only HTTPS/WSS.
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 @attrs.frozen
@@ -65,6 +73,8 @@ class RoomsConfig:
     auto_create: bool = True
     #: Seconds a POSTed room may stay empty before it is removed.
     idle_ttl: float = _bounded(86400.0, low=1, high=10 * 365 * 86400)
+    #: Live rooms at most (each is a task and some memory); further creation is refused.
+    max_rooms: int = _bounded(100_000, low=1, high=10_000_000)
 
 
 @attrs.frozen
@@ -76,11 +86,76 @@ class LimitsConfig:
     ping_timeout: float = _bounded(20.0, low=0.01, high=3600)
     #: Seconds a WebSocket close handshake may take before the TCP stream is cut.
     close_timeout: float = _bounded(5.0, low=0.01, high=600)
+    #: Per-connection token bucket: messages per second, and the burst allowed on top.
+    message_rate: float = _bounded(1000.0, low=0.01, high=1_000_000)
+    message_burst: int = _bounded(2000, low=1, high=10_000_000)
+    #: Messages dropped for the rate since the bucket was last full before closing (1008); 0 = never.
+    rate_limit_close_after: int = _bounded(1000, low=0, high=10_000_000)
+    #: Open WebSockets: in total, and from one client address (an IPv6 /64 counts as one).
+    max_connections: int = _bounded(100_000, low=1, high=10_000_000)
+    max_connections_per_ip: int = _bounded(10_000, low=1, high=10_000_000)
+    #: Rooms one client address may create over REST: per second, and the burst on top.
+    room_create_rate: float = _bounded(10.0, low=0.001, high=1_000_000)
+    room_create_burst: int = _bounded(200, low=1, high=10_000_000)
+    #: Seconds a WebSocket may stay open without being in a room (after connecting or leaving).
+    idle_timeout: float = _bounded(600.0, low=0.01, high=30 * 86400)
+    #: Message shape bounds, in characters, beyond the frame size: an SDP, each string of an ICE
+    #: candidate, a username; and how deeply a message's JSON may nest.
+    max_sdp_length: int = _bounded(32768, low=1, high=16 * 1024 * 1024)
+    max_candidate_length: int = _bounded(1024, low=1, high=16 * 1024 * 1024)
+    max_username_length: int = _bounded(64, low=1, high=4096)
+    max_json_depth: int = _bounded(32, low=2, high=1000)
+
+
+#: Shortest ``auth.secret``: HS256 wants a key at least as long as its 256-bit hash (RFC 7518).
+MIN_SECRET = 32
+#: Shortest ``auth.api_keys`` entry: long enough that guessing one is hopeless.
+MIN_API_KEY = 16
+
+
+@attrs.frozen
+class AuthConfig:
+    #: HS256 secret for join tokens; empty = anyone may join any room.
+    secret: str = attrs.field(default="", repr=False)
+    #: Bearer keys for mutating REST calls; empty = no key needed.
+    api_keys: tuple[str, ...] = attrs.field(default=(), repr=False)
+
+
+@attrs.frozen
+class StorageConfig:
+    #: SQLite file keeping rooms made by POST /api/rooms across restarts; "" keeps them in memory only.
+    path: str = ""
 
 
 @attrs.frozen
 class LogConfig:
     level: str = "info"
+    #: "text" (one human-readable line per event) or "json" (one JSON object per line, for shippers).
+    format: str = "text"
+
+
+@attrs.frozen
+class IceServer:
+    """One entry of ``[ice] servers``, shaped like the browser's ``RTCIceServer``."""
+
+    urls: tuple[str, ...]
+    #: TURN needs both; STUN needs neither. Browsers reject a TURN entry without them.
+    username: str | None = None
+    credential: str | None = None
+
+
+@attrs.frozen
+class IceConfig:
+    #: STUN/TURN servers clients should use, served at GET /api/ice-servers. Empty = host
+    #: candidates only, which is enough on one machine or one LAN.
+    servers: tuple[IceServer, ...] = ()
+
+
+@attrs.frozen
+class DemoConfig:
+    #: Serve the demo client at GET /. Off by default: a production signaling server usually
+    #: sits behind an application that serves its own pages.
+    enabled: bool = False
 
 
 @attrs.frozen
@@ -89,7 +164,11 @@ class Config:
     cors: CorsConfig = CorsConfig()
     rooms: RoomsConfig = RoomsConfig()
     limits: LimitsConfig = LimitsConfig()
+    auth: AuthConfig = AuthConfig()
+    storage: StorageConfig = StorageConfig()
     log: LogConfig = LogConfig()
+    ice: IceConfig = IceConfig()
+    demo: DemoConfig = DemoConfig()
 
 
 def _strict_converter() -> cattrs.Converter:
@@ -131,6 +210,21 @@ def _strict_converter() -> cattrs.Converter:
     conv.register_structure_hook(str, structure_str)
     conv.register_structure_hook(bool, structure_bool)
     conv.register_structure_hook_func(lambda t: t == tuple[str, ...], structure_str_tuple)
+
+    # cattrs would iterate a string as if it were the list, and report each character.
+    ice_servers = conv.get_structure_hook(tuple[IceServer, ...])
+
+    def structure_ice_servers(value: Any, type_: type) -> tuple[IceServer, ...]:
+        if not isinstance(value, list | tuple):
+            raise TypeError(f"expected a list of tables, got {_describe(value)}")
+        for index, item in enumerate(value):
+            if not isinstance(item, Mapping):
+                raise TypeError(
+                    f'item {index}: expected a table like {{ urls = ["stun:host:3478"] }}, got {_describe(item)}'
+                )
+        return ice_servers(value, type_)
+
+    conv.register_structure_hook_func(lambda t: t == tuple[IceServer, ...], structure_ice_servers)
     return conv
 
 
@@ -151,9 +245,10 @@ def _first_error(exc: BaseException, path: str) -> ConfigError:
         return ConfigError(f"{path}.{key}".lstrip("."), "unknown key")
     if isinstance(exc, ClassValidationError | IterableValidationError):
         for sub in exc.exceptions:
-            note = next((n for n in getattr(sub, "__notes__", []) if hasattr(n, "name")), None)
-            name = getattr(note, "name", None)
-            sub_path = f"{path}.{name}" if name is not None else path
+            notes = getattr(sub, "__notes__", [])
+            note = next((n for n in notes if hasattr(n, "name") or hasattr(n, "index")), None)
+            name, index = getattr(note, "name", None), getattr(note, "index", None)
+            sub_path = f"{path}.{name}" if name is not None else f"{path}[{index}]" if index is not None else path
             return _first_error(sub, sub_path)
     if isinstance(exc, KeyError):
         return ConfigError(path.lstrip("."), "required key missing")
@@ -174,17 +269,53 @@ def _check_ranges(section_name: str, section: Any) -> None:
             raise ConfigError(key, f"must be at most {high}, got {value}")
 
 
+#: URL schemes an RTCIceServer accepts (RFC 7064, RFC 7065).
+ICE_SCHEMES = ("stun", "stuns", "turn", "turns")
+
+
+def _check_ice_server(key: str, server: IceServer) -> None:
+    """Refuse here what ``new RTCPeerConnection`` would refuse in every visitor's browser."""
+    if not server.urls:
+        raise ConfigError(f"{key}.urls", "must list at least one URL")
+    for url in server.urls:
+        scheme, colon, rest = url.partition(":")
+        if not colon or scheme not in ICE_SCHEMES or not rest or rest.startswith("/"):
+            raise ConfigError(f"{key}.urls", f"{url!r} is not a STUN/TURN URL like stun:host:port or turn:host:port")
+        if scheme.startswith("turn") and (server.username is None or server.credential is None):
+            raise ConfigError(key, f"{url} is a TURN server: set both username and credential")
+
+
 def _check(config: Config) -> Config:
     for field in attrs.fields(Config):
         _check_ranges(field.name, getattr(config, field.name))
     if config.log.level not in LOG_LEVELS:
         raise ConfigError("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {config.log.level!r}")
+    if config.log.format not in LOG_FORMATS:
+        raise ConfigError("log.format", f"must be one of {', '.join(LOG_FORMATS)}, got {config.log.format!r}")
     for origin in config.cors.allowed_origins:
         if origin != "*" and ("://" not in origin or origin.endswith("/")):
             raise ConfigError(
                 "cors.allowed_origins",
                 f'{origin!r} is not an origin: use scheme://host[:port] without a path, or "*"',
             )
+    for proxy in config.server.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(
+                "server.trusted_proxies", f"{proxy!r} is not an IP address or network (e.g. 10.0.0.0/8)"
+            ) from None
+    auth = config.auth
+    if auth.secret and len(auth.secret) < MIN_SECRET:
+        raise ConfigError("auth.secret", f"must be at least {MIN_SECRET} characters (or empty to turn tokens off)")
+    for index, key in enumerate(auth.api_keys):
+        if len(key) < MIN_API_KEY:
+            raise ConfigError("auth.api_keys", f"key {index} must be at least {MIN_API_KEY} characters")
+    if bool(config.server.tls_cert) != bool(config.server.tls_key):
+        missing, given = ("tls_key", "tls_cert") if config.server.tls_cert else ("tls_cert", "tls_key")
+        raise ConfigError(f"server.{missing}", f"required when server.{given} is set")
+    for index, server in enumerate(config.ice.servers):
+        _check_ice_server(f"ice.servers[{index}]", server)
     if config.limits.send_queue_bytes < config.limits.max_message_bytes:
         raise ConfigError(
             "limits.send_queue_bytes",
@@ -208,6 +339,23 @@ def structure(data: Mapping[str, Any]) -> Config:
 
 def unstructure(config: Config) -> dict[str, Any]:
     return _CONVERTER.unstructure(config)
+
+
+#: Sections a running server takes over on SIGHUP: nothing in them is bound to a socket, a file or a room.
+RELOADABLE = ("cors", "limits", "log")
+
+
+def reloaded(running: Config, new: Config) -> tuple[Config, list[str]]:
+    """``running`` with ``new``'s reloadable sections, and the other keys that differ (they need a restart)."""
+    merged = attrs.evolve(running, **{name: getattr(new, name) for name in RELOADABLE})
+    kept, wanted = unstructure(merged), unstructure(new)
+    pending = [
+        f"{section}.{key}"
+        for section, values in wanted.items()
+        for key, value in values.items()
+        if kept[section][key] != value
+    ]
+    return merged, pending
 
 
 def load_file(path: str | Path) -> dict[str, Any]:

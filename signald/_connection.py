@@ -7,7 +7,10 @@ names and values are kept), put h11's ``trailing_data`` after it, and give trio-
 :class:`ReplayStream` whose first reads return those bytes before the socket's.
 
 Every read of a request is bounded by ``server.request_timeout`` (slowloris), every body by
-``MAX_BODY_BYTES``, and any failure here is confined to this connection.
+``MAX_BODY_BYTES``, and any failure here is confined to this connection. A request with both
+``Content-Length`` and ``Transfer-Encoding`` is refused outright: a proxy in front of us might
+frame its body by the other header, and the bytes it disagrees about would be a smuggled request.
+Each WebSocket counts against the connection caps, by client address, from its handshake on.
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ RECEIVE_SIZE = 64 * 1024
 #: Frames trio-websocket may buffer between its reader task and ours. More than 1, so a
 #: moment of backpressure does not also stall its pong and close handling.
 WS_MESSAGE_QUEUE = 16
+#: After refusing a request we half-close and read (and discard) what the client still sends,
+#: this long and this much at most: closing with its bytes unread would make the kernel send a
+#: reset, which can destroy our refusal before the client has read it.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1024 * 1024
 
 
 class ReplayStream(trio.abc.HalfCloseableStream):
@@ -119,7 +127,9 @@ class HttpConnection:
             await self._stream.send_all(data)
 
     async def _respond(self, response: HttpResponse, *, close: bool = False) -> None:
-        headers = [("Content-Length", str(len(response.body))), *response.headers]
+        # RFC 9110 8.6: no Content-Length on a 204, and on a 304 only the full body's size.
+        length = [] if response.status in (204, 304) else [("Content-Length", str(len(response.body)))]
+        headers = [*length, *response.headers]
         if close or self._server.draining:
             headers.append(("Connection", "close"))
         with trio.move_on_after(self._server.config.server.request_timeout):
@@ -140,6 +150,9 @@ class HttpConnection:
                 self._conn.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
             elif isinstance(event, h11.Request):
                 request = event
+                names = {name for name, _ in event.headers}
+                if b"content-length" in names and b"transfer-encoding" in names:
+                    raise h11.RemoteProtocolError("both Content-Length and Transfer-Encoding", 400)
                 for name, value in event.headers:  # h11 has checked it is all digits
                     if name == b"content-length" and int(value) > MAX_BODY_BYTES:
                         raise _BodyTooLarge
@@ -183,9 +196,14 @@ class HttpConnection:
                 if self._conn.their_state is h11.MIGHT_SWITCH_PROTOCOL and request.target.split(b"?")[0] == b"/ws":
                     await self._upgrade(request)
                     return
+                headers = _header_map(request)
                 response = self._server.rest.handle(
                     HttpRequest(
-                        request.method.decode("ascii"), request.target.decode("latin-1"), _header_map(request), body
+                        request.method.decode("ascii"),
+                        request.target.decode("latin-1"),
+                        headers,
+                        body,
+                        self._client(headers),
                     )
                 )
                 log.debug(
@@ -209,13 +227,31 @@ class HttpConnection:
         if self._conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             with contextlib.suppress(h11.LocalProtocolError):
                 await self._respond(response, close=True)
+            await self._linger()
+
+    async def _linger(self) -> None:
+        with trio.move_on_after(LINGER_SECONDS):
+            await self._stream.send_eof()
+            drained = 0
+            while drained < LINGER_BYTES and (chunk := await self._stream.receive_some(RECEIVE_SIZE)):
+                drained += len(chunk)
+
+    def _client(self, headers: dict[str, str]) -> str:
+        """The per-address key of the client: the peer, or whom a trusted proxy forwarded."""
+        peer = self._remote.rpartition(":")[0] or self._remote  # remote is "host:port"
+        return self._server.proxies.client_key(peer, headers.get("x-forwarded-for"))
 
     async def _upgrade(self, request: h11.Request) -> None:
         headers = _header_map(request)
-        refusal = self._server.check_upgrade(headers)
+        client = self._client(headers)
+        refusal = self._server.check_upgrade(headers, client)
         if refusal is not None:
             await self._respond(refusal, close=True)
             return
+        with self._server.connections.hold(client):  # no checkpoint since the check: no race
+            await self._websocket(request)
+
+    async def _websocket(self, request: h11.Request) -> None:
         replay = ReplayStream(_raw_head(request), self._conn.trailing_data[0], self._stream)
         limits = self._server.config.limits
         async with trio.open_nursery() as nursery:
@@ -232,7 +268,7 @@ class HttpConnection:
                 log.info("%s: WebSocket handshake timed out", self._remote)
                 nursery.cancel_scope.cancel()
                 return
-            session = Session(ws, self._server.hub, limits, self._remote)
+            session = Session(ws, self._server.hub, limits, self._remote, self._server.tokens)
             with self._server.track(session):
                 await session.run()
             nursery.cancel_scope.cancel()

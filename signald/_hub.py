@@ -21,6 +21,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from typing import Literal, Protocol
 
 import attrs
 import trio
@@ -60,6 +61,13 @@ class _Relay:
 
 
 _Command = _Join | _Leave | _Relay
+
+
+class TooManyRooms(Exception):
+    """``rooms.max_rooms`` rooms are live already; creating another is refused."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the server has {limit} rooms, its limit; try again later")
 
 
 class RoomTask:
@@ -165,6 +173,15 @@ class RoomTask:
                     idle_since = trio.current_time()
 
 
+class RoomStore(Protocol):
+    """Where rooms created over REST outlive the process. Told synchronously and never
+    awaited, so neither the hub nor a room task ever waits for a disk."""
+
+    def created(self, room: Room) -> None: ...
+
+    def removed(self, room: Room) -> None: ...
+
+
 class RoomHub:
     """Every live room in this process, by id; creates room tasks in ``nursery``."""
 
@@ -173,10 +190,12 @@ class RoomHub:
         config: RoomsConfig,
         nursery: trio.Nursery,
         clock: Callable[[], datetime] = utc_now,
+        store: RoomStore | None = None,
     ) -> None:
         self.config = config
         self._nursery = nursery
         self._clock = clock
+        self._store = store
         self._rooms: dict[str, RoomTask] = {}
 
     def __iter__(self) -> Iterator[Room]:
@@ -195,22 +214,49 @@ class RoomHub:
 
     def create(self, name: str, max_participants: int | None = None) -> Room:
         """A persistent room (POST /api/rooms), with a fresh random id."""
+        if self.at_capacity:
+            raise TooManyRooms(self.config.max_rooms)
         room_id = new_room_id()
         while room_id in self._rooms:  # 96 random bits: never in practice, but cheap to rule out
             room_id = new_room_id()
-        return self._start(room_id, name, max_participants or self.config.max_participants, persistent=True).room
+        room = self._start(room_id, name, max_participants or self.config.max_participants, "api").room
+        if self._store is not None:
+            self._store.created(room)
+        return room
 
-    def _start(self, room_id: str, name: str, max_participants: int, *, persistent: bool) -> RoomTask:
-        room = Room(room_id, name, max_participants, self._clock(), persistent)
+    @property
+    def at_capacity(self) -> bool:
+        return len(self._rooms) >= self.config.max_rooms
+
+    def restore(self, room_id: str, name: str, max_participants: int, created_at: datetime) -> Room:
+        """Bring back a room the store kept across a restart; its idle time counts from now.
+
+        A lowered ``rooms.max_participants`` caps it like any room created today.
+        """
+        max_participants = min(max_participants, self.config.max_participants)
+        return self._start(room_id, name, max_participants, "restored", created_at).room
+
+    def _start(
+        self,
+        room_id: str,
+        name: str,
+        max_participants: int,
+        how: Literal["api", "join", "restored"],
+        created_at: datetime | None = None,
+    ) -> RoomTask:
+        persistent = how != "join"  # a join-created room vanishes with its last member
+        room = Room(room_id, name, max_participants, created_at or self._clock(), persistent)
         task = RoomTask(room, self.config.idle_ttl, self._clock)
         self._rooms[room_id] = task
         self._nursery.start_soon(task.run, self, name=f"room {room_id}")
-        log.info("room %s: created (%s)", room_id, "api" if persistent else "join")
+        log.info("room %s: created (%s)", room_id, how)
         return task
 
     def _forget(self, task: RoomTask) -> None:
         if self._rooms.get(task.room.id) is task:
             del self._rooms[task.room.id]
+            if task.room.persistent and self._store is not None:
+                self._store.removed(task.room)
 
     async def join(self, room_id: str, member: Member, request_id: m.RequestId = None) -> RoomTask | None:
         """Seat ``member`` in ``room_id``; the room task tells it (and the room) the outcome.
@@ -224,7 +270,11 @@ class RoomHub:
                 if not self.config.auto_create:
                     member.deliver(m.encode_error(m.ROOM_NOT_FOUND, f"room {room_id} does not exist", request_id))
                     return None
-                task = self._start(room_id, room_id, self.config.max_participants, persistent=False)
+                if self.at_capacity:
+                    refusal = TooManyRooms(self.config.max_rooms)
+                    member.deliver(m.encode_error(m.TOO_MANY_ROOMS, str(refusal), request_id))
+                    return None
+                task = self._start(room_id, room_id, self.config.max_participants, "join")
             try:
                 joined = await task.join(member, request_id)
             except trio.BrokenResourceError:

@@ -1,19 +1,80 @@
-"""Logging to stderr, one line per event, at the configured level."""
+"""Logging to stderr, one line per event, in the shape whoever reads stderr wants.
+
+* A terminal gets ``time LEVEL logger: message``.
+* The journal stamps each line itself, so when systemd says stderr *is* the journal
+  (``$JOURNAL_STREAM`` names stderr's device and inode) lines carry no time of their own but
+  a ``<N>`` syslog priority prefix (sd-daemon(3)); journald turns it into the entry's
+  priority, so ``journalctl -p warning -u signald`` works.
+* ``log.format = "json"``: one JSON object per line for log shippers; a traceback stays
+  inside its object instead of spilling over lines a shipper would read as separate events.
+"""
 
 from __future__ import annotations
 
+import io
+import json
 import logging
+import os
 import sys
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TextIO
+
+from ._config import LogConfig
+from ._ids import format_timestamp
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+#: syslog priorities, as journald reads them from a ``<N>`` line prefix.
+PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
-def setup(level: str) -> None:
-    """Point the ``signald`` logger at stderr; idempotent, so it can be called again."""
+def writes_to_journal(environ: Mapping[str, str], stream: TextIO) -> bool:
+    """Whether ``stream`` is the journal connection systemd set up (not merely inherited by a child)."""
+    try:
+        device, inode = (int(part) for part in environ.get("JOURNAL_STREAM", "").split(":"))
+        stat = os.fstat(stream.fileno())
+    except (ValueError, OSError, io.UnsupportedOperation):
+        return False
+    return (stat.st_dev, stat.st_ino) == (device, inode)
+
+
+class Formatter(logging.Formatter):
+    def __init__(self, *, json_lines: bool, journal: bool) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._json = json_lines
+        self._journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self._json:
+            entry: dict[str, str] = {}
+            if not self._journal:
+                entry["time"] = format_timestamp(datetime.fromtimestamp(record.created, UTC))
+            entry.update(level=record.levelname.lower(), logger=record.name, message=record.getMessage())
+            if record.exc_info:
+                entry["exception"] = self.formatException(record.exc_info)
+            text = json.dumps(entry)
+        elif self._journal:
+            text = f"{record.name}: {record.getMessage()}"
+            if record.exc_info:
+                text += "\n" + self.formatException(record.exc_info)
+        else:
+            text = super().format(record)
+        if not self._journal:
+            return text
+        # Every line, so a traceback's lines keep the priority of the event they belong to.
+        prefix = f"<{PRIORITIES.get(record.levelno, 6)}>"
+        return "\n".join(prefix + line for line in text.splitlines())
+
+
+def setup(config: LogConfig, environ: Mapping[str, str], stream: TextIO | None = None) -> None:
+    """Point the ``signald`` logger at stderr; call it again to apply a new configuration (SIGHUP)."""
+    stream = stream if stream is not None else sys.stderr
     logger = logging.getLogger("signald")
-    logger.setLevel(LEVELS[level])
+    logger.setLevel(LEVELS[config.level])
     logger.propagate = False
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
+        logger.addHandler(logging.StreamHandler(stream))
+    handler = logger.handlers[0]
+    if isinstance(handler, logging.StreamHandler):
+        handler.setStream(stream)
+    handler.setFormatter(Formatter(json_lines=config.format == "json", journal=writes_to_journal(environ, stream)))

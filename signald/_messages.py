@@ -21,8 +21,9 @@ import attrs
 ROOM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: Peer ids are server-generated (see ``_ids``); anything else cannot name a peer.
 PEER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-MAX_USERNAME = 64
 MAX_REQUEST_ID = 128
+#: A join token (a JWT) longer than this is not one an application server minted.
+MAX_TOKEN = 4096
 
 #: Error codes, as sent in ``error`` messages.
 INVALID_JSON = "invalid-json"
@@ -33,8 +34,27 @@ ROOM_FULL = "room-full"
 ALREADY_IN_ROOM = "already-in-room"
 NOT_IN_ROOM = "not-in-room"
 PEER_NOT_FOUND = "peer-not-found"
+RATE_LIMITED = "rate-limited"
+UNAUTHORIZED = "unauthorized"
+TOO_MANY_ROOMS = "too-many-rooms"
 
 RequestId = str | int | None
+
+
+@attrs.frozen
+class Bounds:
+    """Shape limits beyond the frame size (``limits.max_*`` in the configuration).
+
+    Lengths are in characters. ``candidate`` bounds every string inside an ICE candidate.
+    """
+
+    username: int = 64
+    sdp: int = 32768
+    candidate: int = 1024
+    depth: int = 32
+
+
+DEFAULT_BOUNDS = Bounds()
 
 
 @attrs.frozen
@@ -42,6 +62,8 @@ class JoinRoom:
     room_id: str
     username: str
     request_id: RequestId = None
+    #: Only for the server's access check: never logged, never relayed.
+    token: str | None = attrs.field(default=None, repr=False)
 
 
 @attrs.frozen
@@ -108,16 +130,24 @@ def _request_id(obj: dict[str, Any]) -> RequestId:
     return value
 
 
-def _optional(obj: dict[str, Any], key: str, kind: type, what: str) -> Any:
+#: ``sdpMLineIndex`` is an unsigned short in RTCIceCandidateInit.
+MAX_MLINE_INDEX = 65535
+
+
+def _optional(obj: dict[str, Any], key: str, kind: type, what: str, max_len: int) -> Any:
     value = obj.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, kind):
         raise _Invalid(f"'candidate.{key}' must be {what} or null")
+    if isinstance(value, str) and len(value) > max_len:
+        raise _Invalid(f"'candidate.{key}' must be at most {max_len} characters")
+    if isinstance(value, int) and not 0 <= value <= MAX_MLINE_INDEX:
+        raise _Invalid(f"'candidate.{key}' must be from 0 to {MAX_MLINE_INDEX}")
     return value
 
 
-def _candidate(obj: dict[str, Any]) -> dict[str, Any] | None:
+def _candidate(obj: dict[str, Any], max_len: int) -> dict[str, Any] | None:
     """Keep exactly the four RTCIceCandidateInit keys; null means end-of-candidates."""
     if "candidate" not in obj:
         raise _Invalid("'candidate' is required (an RTCIceCandidateInit object, or null)")
@@ -127,16 +157,27 @@ def _candidate(obj: dict[str, Any]) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise _Invalid("'candidate' must be an object or null")
     result = {
-        "candidate": _string(value, "candidate", label="candidate.candidate"),
-        "sdpMid": _optional(value, "sdpMid", str, "a string"),
-        "sdpMLineIndex": _optional(value, "sdpMLineIndex", int, "an integer"),
+        "candidate": _string(value, "candidate", max_len=max_len, label="candidate.candidate"),
+        "sdpMid": _optional(value, "sdpMid", str, "a string", max_len),
+        "sdpMLineIndex": _optional(value, "sdpMLineIndex", int, "an integer", max_len),
     }
     if "usernameFragment" in value:
-        result["usernameFragment"] = _optional(value, "usernameFragment", str, "a string")
+        result["usernameFragment"] = _optional(value, "usernameFragment", str, "a string", max_len)
     return result
 
 
-def _parse_object(obj: dict[str, Any]) -> ClientMessage | ProtocolError:
+def _token(obj: dict[str, Any]) -> str | None:
+    value = obj.get("token")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _Invalid("'token' must be a string")
+    if len(value) > MAX_TOKEN:
+        raise _Invalid(f"'token' must be at most {MAX_TOKEN} characters")
+    return value
+
+
+def _parse_object(obj: dict[str, Any], bounds: Bounds) -> ClientMessage | ProtocolError:
     kind = obj.get("type")
     if not isinstance(kind, str):
         raise _Invalid("'type' is required and must be a string")
@@ -146,16 +187,16 @@ def _parse_object(obj: dict[str, Any]) -> ClientMessage | ProtocolError:
         if not PEER_ID.fullmatch(to):
             raise _Invalid("'to' is not a peer id")
         field = _RELAY_FIELDS[kind]
-        payload = _candidate(obj) if field == "candidate" else _string(obj, "sdp")
+        payload = _candidate(obj, bounds.candidate) if field == "candidate" else _string(obj, "sdp", max_len=bounds.sdp)
         return Relay(kind, to, field, payload, request_id)
     if kind == "join-room":
         room_id = _string(obj, "roomId")
         if not ROOM_ID.fullmatch(room_id):
             raise _Invalid("'roomId' must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")
-        username = _string(obj, "username", max_len=MAX_USERNAME)
+        username = _string(obj, "username", max_len=bounds.username)
         if not username.strip():
             raise _Invalid("'username' must not be empty")
-        return JoinRoom(room_id, username, request_id)
+        return JoinRoom(room_id, username, request_id, _token(obj))
     if kind == "leave-room":
         return LeaveRoom(request_id)
     if kind == "ping":
@@ -163,8 +204,40 @@ def _parse_object(obj: dict[str, Any]) -> ClientMessage | ProtocolError:
     return ProtocolError(UNKNOWN_TYPE, f"unknown message type {kind[:64]!r}", request_id)
 
 
-def parse(text: str) -> ClientMessage | ProtocolError:
+#: A JSON string, closing quote optional: a match can always end where the text does, so an
+#: unterminated string costs one scan, not one scan per quote after it.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def _nested_deeper_than(text: str, limit: int) -> bool:
+    """Whether the JSON in ``text`` nests more than ``limit`` deep, without parsing it.
+
+    Parsing first would build every nested container before we could refuse it. Instead:
+    too few brackets to reach the limit settles it at once (every real message); otherwise
+    strings are cut out and only brackets kept, and each pass deletes the innermost pairs,
+    that is one level, stopping early as soon as ``limit + 1`` openers stand in a row. At most
+    ``limit`` passes, each a C-speed scan of a shrinking string.
+    """
+    if text.count("{") + text.count("[") <= limit:
+        return False
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    brackets = brackets.replace("{", "[").replace("}", "]")
+    too_deep = "[" * (limit + 1)
+    for _ in range(limit):
+        if too_deep in brackets:
+            return True
+        inner = brackets.replace("[]", "")
+        if len(inner) == len(brackets):
+            return False  # nothing left to peel (empty, or not JSON): json.loads has the last word
+        brackets = inner
+    return "[" in brackets
+
+
+def parse(text: str, bounds: Bounds = DEFAULT_BOUNDS) -> ClientMessage | ProtocolError:
     """Parse one text frame into a client message, or the error to answer it with."""
+    if _nested_deeper_than(text, bounds.depth):
+        return ProtocolError(INVALID_MESSAGE, f"JSON nested deeper than {bounds.depth} levels")
     try:
         obj = json.loads(text)
     except (ValueError, RecursionError):
@@ -172,7 +245,7 @@ def parse(text: str) -> ClientMessage | ProtocolError:
     if not isinstance(obj, dict):
         return ProtocolError(INVALID_MESSAGE, "a message must be a JSON object")
     try:
-        return _parse_object(obj)
+        return _parse_object(obj, bounds)
     except _Invalid as exc:
         try:
             request_id = _request_id(obj)  # echo it if it is itself valid

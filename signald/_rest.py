@@ -7,22 +7,28 @@ this module only decides what each route answers, so it is tested without socket
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
 import attrs
 
-from ._config import Config
+from ._auth import ApiKeys
+from ._config import Config, IceServer
 from ._cors import CorsPolicy
-from ._hub import RoomHub
+from ._hub import RoomHub, TooManyRooms
 from ._ids import format_timestamp, utc_now
-from ._messages import ROOM_ID
+from ._limits import BucketsByKey, retry_after
+from ._messages import RATE_LIMITED, ROOM_ID, TOO_MANY_ROOMS, UNAUTHORIZED
 from ._room import Room
+from ._static import load_assets
 
 MAX_ROOM_NAME = 100
 #: Request bodies larger than this get 413 (enforced while reading, in ``_connection``).
 MAX_BODY_BYTES = 64 * 1024
+#: Methods that change state: with ``auth.api_keys`` set, they need a key.
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 @attrs.frozen
@@ -32,6 +38,8 @@ class HttpRequest:
     #: Lower-case header names; repeated headers joined with ", ".
     headers: Mapping[str, str] = attrs.field(factory=dict)
     body: bytes = b""
+    #: The client's per-address key (see ``_addresses``), for per-address limits.
+    client: str = ""
 
     @property
     def path(self) -> str:
@@ -58,6 +66,16 @@ def error_response(status: int, code: str, message: str, headers: list[tuple[str
     return json_response(status, {"error": code, "message": message}, headers)
 
 
+def ice_server_json(server: IceServer) -> dict[str, Any]:
+    """An ``RTCIceServer`` dictionary: exactly what ``new RTCPeerConnection`` expects."""
+    body: dict[str, Any] = {"urls": list(server.urls)}
+    if server.username is not None:
+        body["username"] = server.username
+    if server.credential is not None:
+        body["credential"] = server.credential
+    return body
+
+
 def room_json(room: Room, *, with_participants: bool = False) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": room.id,
@@ -79,20 +97,28 @@ def room_json(room: Room, *, with_participants: bool = False) -> dict[str, Any]:
 
 
 class RestApi:
-    """Routes: GET /health, GET/POST /api/rooms, GET /api/rooms/<id>, plus CORS preflight."""
+    """Routes: GET /health, GET/POST /api/rooms, GET /api/rooms/<id>, GET /api/ice-servers,
+    the demo's files when ``demo.enabled``, plus CORS preflight."""
 
     def __init__(
         self,
         config: Config,
         hub: RoomHub,
         is_draining: Callable[[], bool],
+        room_creations: BucketsByKey,
         clock: Callable[[], datetime] = utc_now,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._config = config
         self._cors = CorsPolicy(config.cors.allowed_origins)
         self._hub = hub
         self._is_draining = is_draining
         self._clock = clock
+        self._ice_servers = {"iceServers": [ice_server_json(server) for server in config.ice.servers]}
+        self._assets = load_assets() if config.demo.enabled else {}
+        self._monotonic = monotonic
+        self._api_keys = ApiKeys(config.auth.api_keys)
+        self._room_creations = room_creations
 
     def _route(self, path: str) -> tuple[tuple[str, ...], Callable[[HttpRequest], HttpResponse]] | None:
         """The methods a path allows and the handler for them, or None if no such path."""
@@ -105,6 +131,11 @@ class RestApi:
             return ("GET",), lambda request: self._room(room_id)
         if path == "/ws":
             return ("GET",), self._ws_without_upgrade
+        if path == "/api/ice-servers":
+            return ("GET",), lambda request: json_response(200, self._ice_servers)
+        asset = self._assets.get(path)
+        if asset is not None:
+            return ("GET",), lambda request: HttpResponse(*asset.respond(request.headers.get("if-none-match")))
         return None
 
     def handle(self, request: HttpRequest) -> HttpResponse:
@@ -123,6 +154,13 @@ class RestApi:
                 "method-not-allowed",
                 f"{request.method} is not allowed here; use {allow}",
                 [("Allow", allow), *cors],
+            )
+        if request.method in MUTATING and not self._api_keys.allows(request.headers.get("authorization")):
+            return error_response(
+                401,
+                UNAUTHORIZED,
+                "this call needs an API key: Authorization: Bearer <key>",
+                [("WWW-Authenticate", 'Bearer realm="signald"'), *cors],
             )
         response = handler(request)
         return attrs.evolve(response, headers=[*response.headers, *cors])
@@ -152,6 +190,16 @@ class RestApi:
     def _rooms(self, request: HttpRequest) -> HttpResponse:
         if request.method == "GET":
             return json_response(200, {"rooms": [room_json(room) for room in self._hub]})
+        wait = self._room_creations.take(request.client, self._monotonic())
+        if wait:
+            limits = self._config.limits
+            return error_response(
+                429,
+                RATE_LIMITED,
+                f"too many rooms created from {request.client}: {limits.room_create_rate:g}/s, "
+                f"burst {limits.room_create_burst}",
+                [("Retry-After", retry_after(wait))],
+            )
         try:
             body = json.loads(request.body)
         except (ValueError, RecursionError):
@@ -159,7 +207,10 @@ class RestApi:
         problem = self._check_new_room(body)
         if problem is not None:
             return error_response(400, "invalid-body", problem)
-        room = self._hub.create(body["name"], body.get("maxParticipants"))
+        try:
+            room = self._hub.create(body["name"], body.get("maxParticipants"))
+        except TooManyRooms as exc:
+            return error_response(503, TOO_MANY_ROOMS, str(exc))
         return json_response(201, room_json(room), [("Location", f"/api/rooms/{room.id}")])
 
     def _check_new_room(self, body: Any) -> str | None:

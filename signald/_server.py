@@ -4,38 +4,55 @@ One nursery holds the room tasks; inside it, a second nursery holds the listener
 connection. Shutdown (``shutdown()``, called on SIGTERM/SIGINT) flips the server into
 draining: /health answers 503, upgrades are refused, every WebSocket is asked to close with
 1001, and once they have (or ``server.shutdown_grace`` has passed) the connection nursery is
-cancelled. Nothing outlives ``serve``.
+cancelled. The room store, when there is one, encloses both, so it is opened (and its rooms
+restored) before anything listens and finishes writing after the last room task has stopped.
+Nothing outlives ``serve``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+import socket
+import ssl
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import trio
 
-from ._config import Config
+from ._addresses import TrustedProxies
+from ._auth import JoinTokens
+from ._config import Config, ConfigError, ServerConfig, reloaded
 from ._connection import HttpConnection
 from ._cors import CorsPolicy
 from ._hub import RoomHub
+from ._limits import BucketsByKey, ConnectionCounter, Refusal
 from ._rest import HttpResponse, RestApi, error_response
 from ._session import CLOSE_GOING_AWAY, Session
+from ._store import open_room_store
 
 log = logging.getLogger("signald")
 
 
 class Server:
-    """Create one, then ``await nursery.start(server.serve)``; ``shutdown()`` stops it."""
+    """Create one, then ``await nursery.start(server.serve)``; ``shutdown()`` stops it.
 
-    def __init__(self, config: Config) -> None:
+    ``sockets`` are listening sockets to serve instead of binding ``server.host:port``
+    (socket activation: systemd opened them and keeps them open across restarts).
+    """
+
+    def __init__(self, config: Config, sockets: Sequence[socket.socket] = ()) -> None:
         self.config = config
+        self._inherited = list(sockets)
         self.draining = False
         self.port: int | None = None
         self._cors = CorsPolicy(config.cors.allowed_origins)
         self._sessions: set[Session] = set()
         self._stop = trio.Event()
         self._sessions_gone = trio.Event()
+        self.proxies = TrustedProxies(config.server.trusted_proxies)
+        self.connections = ConnectionCounter(config.limits.max_connections, config.limits.max_connections_per_ip)
+        self.room_creations = BucketsByKey(config.limits.room_create_rate, config.limits.room_create_burst)
+        self.tokens = JoinTokens(config.auth.secret) if config.auth.secret else None
 
     @property
     def hub(self) -> RoomHub:
@@ -48,8 +65,43 @@ class Server:
     def shutdown(self) -> None:
         self._stop.set()
 
-    def check_upgrade(self, headers: Mapping[str, str]) -> HttpResponse | None:
-        """Why a WebSocket upgrade must be refused, as the HTTP response to refuse it with."""
+    def reload(self, config: Config) -> list[str]:
+        """Take over ``config``'s reloadable sections (SIGHUP); return changed keys that need a restart.
+
+        No connection is touched: the new CORS origins and limits apply to every request and
+        every WebSocket accepted from now on, while open WebSockets keep the limits they began with.
+        """
+        self.config, pending = reloaded(self.config, config)
+        self._cors = CorsPolicy(self.config.cors.allowed_origins)
+        limits = self.config.limits
+        self.connections.total_cap = limits.max_connections
+        self.connections.per_address_cap = limits.max_connections_per_ip
+        self.room_creations.retune(limits.room_create_rate, limits.room_create_burst)
+        self._rest = self._rest_api()
+        return pending
+
+    def _rest_api(self) -> RestApi:
+        return RestApi(self.config, self._hub, lambda: self.draining, self.room_creations)
+
+    def status(self) -> str:
+        """One line for ``systemctl status``."""
+        counts = f"{len(self._hub)} rooms, {self._hub.user_count} users"
+        return f"draining: {len(self._sessions)} WebSockets left, {counts}" if self.draining else counts
+
+    async def _listen(self) -> list[trio.SocketListener]:
+        if self._inherited:
+            return [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in self._inherited]
+        host, port = self.config.server.host, self.config.server.port
+        try:
+            return await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise ConfigError("server.port", f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+    def check_upgrade(self, headers: Mapping[str, str], client: str) -> HttpResponse | None:
+        """Why a WebSocket upgrade must be refused, as the HTTP response to refuse it with.
+
+        ``client`` is the per-address key the connection caps count under.
+        """
         origin = headers.get("origin")
         cors = self._cors.headers(origin)
         if self.draining:
@@ -64,6 +116,18 @@ class Server:
             )
         if not headers.get("sec-websocket-key"):
             return error_response(400, "bad-upgrade", "Sec-WebSocket-Key is missing", cors)
+        refusal = self.connections.refusal(client)
+        if refusal is Refusal.ADDRESS:
+            log.info("%s: connection refused, %d open from this address", client, self.connections.count(client))
+            return error_response(
+                429,
+                "too-many-connections",
+                f"{self.connections.per_address_cap} connections from {client} are open already",
+                cors,
+            )
+        if refusal is Refusal.SERVER:
+            log.info("connection from %s refused, %d open in total", client, self.connections.total)
+            return error_response(503, "server-full", "the server has as many connections as it takes", cors)
         return None
 
     @contextmanager
@@ -78,9 +142,10 @@ class Server:
             if self.draining and not self._sessions:
                 self._sessions_gone.set()
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
+        transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
         try:
-            host, port, *_ = stream.socket.getpeername()
+            host, port, *_ = transport.socket.getpeername()
             remote = f"{host}:{port}"
         except OSError:
             remote = "?"
@@ -93,14 +158,26 @@ class Server:
     async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until ``shutdown()``, then drain; ``task_status.started`` once accepting."""
         server_config = self.config.server
-        async with trio.open_nursery() as rooms:
-            self._hub = RoomHub(self.config.rooms, rooms)
-            self._rest = RestApi(self.config, self._hub, lambda: self.draining)
-            listeners = await trio.open_tcp_listeners(server_config.port, host=server_config.host)
+        tls = tls_context(server_config)
+        async with open_room_store(self.config.storage.path) as store, trio.open_nursery() as rooms:
+            self._hub = RoomHub(self.config.rooms, rooms, store=store)
+            for saved in store.saved if store is not None else ():
+                self._hub.restore(saved.id, saved.name, saved.max_participants, saved.created_at)
+            self._rest = self._rest_api()
+            listeners = await self._listen()
             self.port = listeners[0].socket.getsockname()[1]
             async with trio.open_nursery() as connections:
-                connections.start_soon(trio.serve_listeners, self._handle, listeners)
-                log.info("listening on %s:%d", server_config.host, self.port)
+                if tls is None:
+                    connections.start_soon(trio.serve_listeners, self._handle, listeners)
+                else:
+                    secure = [trio.SSLListener(listener, tls, https_compatible=True) for listener in listeners]
+                    connections.start_soon(trio.serve_listeners, self._handle, secure)
+                log.info(
+                    "listening on %s%s%s",
+                    ", ".join(_address(listener.socket) for listener in listeners),
+                    " with TLS" if tls else "",
+                    " (sockets from systemd)" if self._inherited else "",
+                )
                 task_status.started(self)
                 await self._stop.wait()
                 self.draining = True
@@ -114,3 +191,28 @@ class Server:
                 connections.cancel_scope.cancel()
             rooms.cancel_scope.cancel()
         log.info("stopped")
+
+
+def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
+    """HTTPS/WSS on the one port when ``server.tls_cert`` and ``tls_key`` are set (PEM files).
+
+    Browsers allow getUserMedia only on secure origins, so a VM without a TLS-terminating
+    proxy in front needs this. Python's defaults (TLS 1.2 or newer, its cipher list) apply.
+    """
+    if not config.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.set_alpn_protocols(["http/1.1"])
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except OSError as exc:  # ssl.SSLError is one too
+        problem = exc.strerror or str(exc)
+        raise ConfigError(
+            "server.tls_cert", f"cannot load {config.tls_cert} with {config.tls_key}: {problem}"
+        ) from None
+    return context
+
+
+def _address(sock: trio.socket.SocketType) -> str:
+    host, port, *_ = sock.getsockname()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

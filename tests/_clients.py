@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -58,12 +59,24 @@ class Client:
 
 
 @asynccontextmanager
-async def connect(port: int, *, origin: str | None = None, **kwargs: Any) -> AsyncIterator[Client]:
+async def connect(
+    port: int, *, origin: str | None = None, ssl_context: ssl.SSLContext | None = None, **kwargs: Any
+) -> AsyncIterator[Client]:
     headers = [(b"Origin", origin.encode())] if origin else None
     async with open_websocket(
-        "127.0.0.1", port, "/ws", use_ssl=False, extra_headers=headers, connect_timeout=TIMEOUT, **kwargs
+        "127.0.0.1", port, "/ws", use_ssl=ssl_context or False, extra_headers=headers, connect_timeout=TIMEOUT, **kwargs
     ) as ws:
         yield Client(ws)
+
+
+@asynccontextmanager
+async def joined_pair(port: int, room: str) -> AsyncIterator[tuple[Client, Client]]:
+    """Clients "a" and "b" in ``room``, with a's ``user-joined`` for b already read."""
+    async with connect(port) as a, connect(port) as b:
+        await a.join(room, "a")
+        await b.join(room, "b")
+        await a.expect("user-joined", peerId=b.peer_id)
+        yield a, b
 
 
 async def http_request(
@@ -72,10 +85,15 @@ async def http_request(
     target: str,
     body: bytes | dict[str, Any] | list[Any] | None = None,
     headers: list[tuple[str, str]] | None = None,
+    *,
+    source: str | None = None,
 ) -> tuple[int, dict[str, str], Any]:
-    """One request on a fresh connection: (status, lower-cased headers, parsed JSON or bytes)."""
+    """One request on a fresh connection: (status, lower-cased headers, parsed JSON or bytes).
+
+    ``source`` is the loopback address to connect from (127.0.0.2, ...), to be another client.
+    """
     with trio.fail_after(TIMEOUT):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=source)
         async with stream:
             conn = h11.Connection(h11.CLIENT)
             data = json.dumps(body).encode() if isinstance(body, dict | list) else (body or b"")
@@ -115,8 +133,26 @@ UPGRADE_REQUEST = (
 )
 
 
+def frame(
+    opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True, rsv: int = 0, length: int = -1
+) -> bytes:
+    """A client frame built by hand, for raw-socket tests; any field can be made wrong.
+
+    Masking uses a zero key, so the payload goes out as it is. ``length`` overrides the
+    length the header claims.
+    """
+    size = len(payload) if length < 0 else length
+    head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
+    mask_bit = 0x80 if masked else 0
+    if size < 126:
+        head += bytes([mask_bit | size])
+    elif size < 2**16:
+        head += bytes([mask_bit | 126]) + size.to_bytes(2, "big")
+    else:
+        head += bytes([mask_bit | 127]) + size.to_bytes(8, "big")
+    return head + (b"\x00\x00\x00\x00" if masked else b"") + payload
+
+
 def text_frame(message: dict[str, Any]) -> bytes:
-    """A client text frame built by hand (masked with a zero key), for raw-socket tests."""
-    payload = json.dumps(message).encode()
-    assert len(payload) < 126
-    return bytes([0x81, 0x80 | len(payload)]) + b"\x00\x00\x00\x00" + payload
+    """A client text frame carrying ``message`` as JSON."""
+    return frame(0x1, json.dumps(message).encode())

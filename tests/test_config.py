@@ -23,6 +23,22 @@ def test_defaults_match_the_documented_ones() -> None:
     assert (limits.max_message_bytes, limits.send_queue_bytes) == (65536, 1048576)
     assert (limits.ping_interval, limits.ping_timeout) == (20.0, 20.0)
     assert config.log.level == "info"
+    assert config.server.trusted_proxies == () and config.rooms.max_rooms == 100_000
+    assert (limits.message_rate, limits.message_burst, limits.rate_limit_close_after) == (1000.0, 2000, 1000)
+    assert (limits.max_connections, limits.max_connections_per_ip) == (100_000, 10_000)
+    assert (limits.room_create_rate, limits.room_create_burst, limits.idle_timeout) == (10.0, 200, 600.0)
+    assert (limits.max_sdp_length, limits.max_candidate_length) == (32768, 1024)
+    assert (limits.max_username_length, limits.max_json_depth) == (64, 32)
+    assert (config.auth.secret, config.auth.api_keys) == ("", ())  # access control is off by default
+
+
+def test_secrets_never_appear_in_repr_or_errors() -> None:
+    secret = "s3cr3t-" * 6
+    config = structure({"auth": {"secret": secret, "api_keys": ["key-0123456789abcdef"]}})
+    assert secret not in repr(config) and "key-0123456789abcdef" not in repr(config)
+    with pytest.raises(ConfigError) as info:
+        structure({"auth": {"secret": "too-short-secret"}})
+    assert "too-short-secret" not in str(info.value)
 
 
 def test_example_file_is_valid_and_complete() -> None:
@@ -57,6 +73,15 @@ def test_example_file_is_valid_and_complete() -> None:
         ({"server": {"shutdown_grace": "10"}}, "server.shutdown_grace", "number"),
         ({"limits": {"ping_interval": float("inf")}}, "limits.ping_interval", "finite"),
         ({"limits": {"send_queue_bytes": 2048, "max_message_bytes": 4096}}, "limits.send_queue_bytes", "at least"),
+        ({"limits": {"message_rate": 0}}, "limits.message_rate", "at least"),
+        ({"limits": {"max_json_depth": 1}}, "limits.max_json_depth", "at least 2"),
+        ({"limits": {"rate_limit_close_after": -1}}, "limits.rate_limit_close_after", "at least 0"),
+        ({"rooms": {"max_rooms": 0}}, "rooms.max_rooms", "at least 1"),
+        ({"server": {"trusted_proxies": ["10.0.0.0/8", "proxy.local"]}}, "server.trusted_proxies", "not an IP"),
+        ({"server": {"trusted_proxies": "10.0.0.1"}}, "server.trusted_proxies", "list"),
+        ({"auth": {"secret": "short"}}, "auth.secret", "at least 32"),
+        ({"auth": {"api_keys": ["k" * 16, "short"]}}, "auth.api_keys", "key 1 must be at least 16"),
+        ({"auth": {"token": "x"}}, "auth.token", "unknown key"),
     ],
 )
 def test_bad_values_name_their_key(tree: dict[str, Any], key: str, words: str) -> None:
@@ -117,3 +142,52 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
         resolve(tmp_path / "missing.toml")
     with pytest.raises(ConfigError, match="invalid TOML"):
         resolve(write(tmp_path, "[server\n"))
+
+
+def test_ice_servers_and_demo() -> None:
+    assert (Config().ice.servers, Config().demo.enabled) == ((), False)
+    config = structure(
+        {
+            "ice": {
+                "servers": [
+                    {"urls": ["stun:stun.example.com:3478"]},
+                    {
+                        "urls": ["turn:turn.example.com:3478", "turns:turn.example.com:5349"],
+                        "username": "u",
+                        "credential": "c",
+                    },
+                ]
+            },
+            "demo": {"enabled": True},
+        }
+    )
+    assert config.demo.enabled
+    assert [server.urls for server in config.ice.servers] == [
+        ("stun:stun.example.com:3478",),
+        ("turn:turn.example.com:3478", "turns:turn.example.com:5349"),
+    ]
+    assert (config.ice.servers[1].username, config.ice.servers[1].credential) == ("u", "c")
+    assert config.ice.servers[0].username is None
+
+
+@pytest.mark.parametrize(
+    ("servers", "key", "words"),
+    [
+        ("stun:a", "ice.servers", "list of tables"),
+        (["stun:a"], "ice.servers", "item 0: expected a table like { urls"),
+        ([{"urls": "stun:a"}], "ice.servers[0].urls", "list of strings"),
+        ([{"urls": ["stun:a"]}, {"urls": ["stun:b"], "user": "x"}], "ice.servers[1].user", "unknown key"),
+        ([{"urls": ["stun:a"], "username": 5}], "ice.servers[0].username", "string"),
+        ([{}], "ice.servers[0].urls", "required"),
+        ([{"urls": []}], "ice.servers[0].urls", "at least one URL"),
+        ([{"urls": ["https://turn.example.com"]}], "ice.servers[0].urls", "not a STUN/TURN URL"),
+        ([{"urls": ["stun:"]}], "ice.servers[0].urls", "not a STUN/TURN URL"),
+        ([{"urls": ["turn:t.example.com"], "username": "u"}], "ice.servers[0]", "set both username and credential"),
+        ([{"urls": ["stun:a", "turns:t"], "credential": "c"}], "ice.servers[0]", "TURN server"),
+    ],
+)
+def test_bad_ice_servers_name_their_entry(servers: Any, key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        structure({"ice": {"servers": servers}})
+    assert info.value.key == key
+    assert words in str(info.value)

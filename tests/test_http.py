@@ -12,7 +12,7 @@ import trio
 
 from signald import Server
 
-from ._clients import TIMEOUT, connect, http_request, read_response
+from ._clients import TIMEOUT, connect, http_request, joined_pair, read_response
 
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3})?Z")
 
@@ -182,10 +182,7 @@ async def raw_exchange(port: int, data: bytes) -> bytes:
 )
 async def test_malformed_http_gets_400_and_close_and_disturbs_nobody(server: Server, garbage: bytes) -> None:
     assert server.port
-    async with connect(server.port) as a, connect(server.port) as b:
-        await a.join("calm", "a")
-        await b.join("calm", "b")
-        await a.expect("user-joined")
+    async with joined_pair(server.port, "calm") as (a, b):
         reply = await raw_exchange(server.port, garbage)
         assert re.match(rb"HTTP/1.1 4\d\d ", reply), reply[:100]
         await a.send(type="webrtc-offer", to=b.peer_id, sdp="fine")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +168,13 @@ async def test_console_script_serves_and_drains_on_sigterm(tmp_path: Path) -> No
             process.kill()
             await process.wait()
     assert b"SIGTERM" in log and b"stopped" in log
+
+
+def test_a_taken_port_is_one_clear_line_and_exit_1() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = signald("--port", str(taken.getsockname()[1]))
+    assert result.returncode == 1
+    assert result.stderr.startswith("signald: cannot start: server.port: cannot listen on 127.0.0.1:")
+    assert "Traceback" not in result.stderr

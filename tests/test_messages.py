@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from signald import _messages as m
+from signald._config import LimitsConfig
 
 
 def parse(obj: Any) -> m.ClientMessage | m.ProtocolError:
@@ -127,6 +128,98 @@ def test_unknown_type_keeps_request_id() -> None:
 
 def test_deep_nesting_is_an_error_not_a_crash() -> None:
     assert isinstance(m.parse("[" * 100_000 + "]" * 100_000), m.ProtocolError)
+
+
+def nested(depth: int, opener: str = "[", closer: str = "]") -> str:
+    return '{"type":"ping","x":' + opener * (depth - 1) + closer * (depth - 1) + "}"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        nested(33),
+        nested(10_000),
+        '{"type":"ping","x":' + '{"a":' * 40 + "1" + "}" * 40 + "}",
+        # A staircase: no long run of openers until inner levels are peeled away.
+        '{"type":"ping","x":' + "[" + "[],[" * 40 + "]" * 40 + "]}",
+        # Mixed brackets, and brackets hidden among strings that contain brackets and quotes.
+        '{"type":"ping","x":' + '[{"k":"]]\\"}","v":' * 20 + "0" + "}]" * 20 + "}",
+    ],
+)
+def test_too_deep_is_refused_before_parsing(text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def must_not_parse(_: str) -> None:
+        raise AssertionError("json.loads ran on a frame that is too deep")
+
+    monkeypatch.setattr(m.json, "loads", must_not_parse)
+    result = m.parse(text)
+    assert isinstance(result, m.ProtocolError)
+    assert result.code == m.INVALID_MESSAGE and "nested deeper than 32" in result.message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        nested(32),
+        '{"type":"ping","x":' + '{"a":' * 31 + "1" + "}" * 31 + "}",
+        # Many brackets but shallow: wide rather than deep.
+        '{"type":"ping","x":[' + ",".join(["[[]]"] * 500) + "]}",
+        # Brackets inside strings do not nest anything.
+        json.dumps({"type": "ping", "x": "[" * 1000, "y": "{" * 1000}),
+        json.dumps({"type": "ping", "x": '\\"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[' * 3}),
+    ],
+)
+def test_deep_enough_is_parsed(text: str) -> None:
+    assert m.parse(text) == m.Ping()
+
+
+def test_depth_limit_is_configurable() -> None:
+    assert m.parse(nested(3), m.Bounds(depth=3)) == m.Ping()
+    assert isinstance(m.parse(nested(4), m.Bounds(depth=3)), m.ProtocolError)
+
+
+def test_unbalanced_brackets_are_left_to_the_json_parser() -> None:
+    for text in ("]" * 100 + "[" * 10, "[" * 20 + "]" * 40, '{"type":"ping","x":"' + "[" * 100):
+        result = m.parse(text)
+        assert isinstance(result, m.ProtocolError) and result.code == m.INVALID_JSON, text
+
+
+def test_shape_bounds() -> None:
+    bounds = m.Bounds(username=5, sdp=10, candidate=8)
+    relay = {"type": "webrtc-offer", "to": "p"}
+    assert m.parse(json.dumps({**relay, "sdp": "x" * 10}), bounds) == m.Relay("webrtc-offer", "p", "sdp", "x" * 10)
+    too_long = m.parse(json.dumps({**relay, "sdp": "x" * 11}), bounds)
+    assert isinstance(too_long, m.ProtocolError) and "'sdp' must be at most 10" in too_long.message
+    join = {"type": "join-room", "roomId": "r"}
+    assert isinstance(m.parse(json.dumps({**join, "username": "abcde"}), bounds), m.JoinRoom)
+    assert isinstance(m.parse(json.dumps({**join, "username": "abcdef"}), bounds), m.ProtocolError)
+    for key in ("candidate", "sdpMid", "usernameFragment"):
+        candidate = {"candidate": "c", key: "y" * 9}
+        result = m.parse(json.dumps({"type": "ice-candidate", "to": "p", "candidate": candidate}), bounds)
+        assert isinstance(result, m.ProtocolError) and f"{key}' must be at most 8" in result.message
+
+
+@pytest.mark.parametrize("index", [-1, 65536, 2**40])
+def test_mline_index_is_an_unsigned_short(index: int) -> None:
+    candidate = {"candidate": "c", "sdpMLineIndex": index}
+    result = parse({"type": "ice-candidate", "to": "p", "candidate": candidate})
+    assert isinstance(result, m.ProtocolError) and "sdpMLineIndex" in result.message
+
+
+def test_join_token_is_parsed_but_never_shown() -> None:
+    join = parse({"type": "join-room", "roomId": "r", "username": "u", "token": "eyJ.secret.sig"})
+    assert isinstance(join, m.JoinRoom) and join.token == "eyJ.secret.sig"
+    assert "secret" not in repr(join)
+    for bad in (5, ["t"], "t" * (m.MAX_TOKEN + 1)):
+        result = parse({"type": "join-room", "roomId": "r", "username": "u", "token": bad})
+        assert isinstance(result, m.ProtocolError) and "'token'" in result.message
+
+
+def test_default_bounds_match_the_default_configuration() -> None:
+    limits = LimitsConfig()
+    assert (
+        m.Bounds(limits.max_username_length, limits.max_sdp_length, limits.max_candidate_length, limits.max_json_depth)
+        == m.DEFAULT_BOUNDS
+    )
 
 
 def test_encoders_are_ascii_so_length_is_bytes() -> None:

@@ -13,7 +13,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from signald import Server
 
-from ._clients import TIMEOUT, UPGRADE_REQUEST, Client, connect, http_request, text_frame
+from ._clients import TIMEOUT, UPGRADE_REQUEST, Client, connect, http_request, joined_pair, text_frame
 
 
 async def test_join_reports_others_in_join_order(server: Server) -> None:
@@ -36,10 +36,7 @@ async def test_join_reports_others_in_join_order(server: Server) -> None:
 
 async def test_full_offer_answer_candidate_exchange(server: Server) -> None:
     assert server.port
-    async with connect(server.port) as a, connect(server.port) as b:
-        await a.join("call", "alice")
-        await b.join("call", "bob")
-        await a.expect("user-joined")
+    async with joined_pair(server.port, "call") as (a, b):
         await a.send(type="webrtc-offer", to=b.peer_id, sdp="offer-sdp", requestId=1)
         assert await b.recv() == {"type": "webrtc-offer", "from": a.peer_id, "sdp": "offer-sdp"}
         await b.send(type="webrtc-answer", to=a.peer_id, sdp="answer-sdp")
@@ -168,10 +165,7 @@ async def test_handshake_with_disallowed_origin_is_403(server_factory: Callable[
 async def test_order_from_a_to_b_under_a_burst_of_500(server: Server) -> None:
     """A normal reader is never evicted by a burst, and sees A's frames in A's order."""
     assert server.port
-    async with connect(server.port) as a, connect(server.port) as b:
-        await a.join("burst", "a")
-        await b.join("burst", "b")
-        await a.expect("user-joined")
+    async with joined_pair(server.port, "burst") as (a, b):
         received: list[int] = []
 
         async def read_all() -> None:
@@ -192,10 +186,7 @@ async def test_order_from_a_to_b_under_a_burst_of_500(server: Server) -> None:
 async def test_relays_never_precede_learning_of_the_sender(server: Server) -> None:
     """Members offer to a newcomer the moment they hear of it; the newcomer knew them first."""
     assert server.port
-    async with connect(server.port) as a, connect(server.port) as b:
-        await a.join("meet", "a")
-        await b.join("meet", "b")
-        await a.expect("user-joined")
+    async with joined_pair(server.port, "meet") as (a, b):
 
         async def offer_on_join(member: Client) -> None:
             left = 0
@@ -258,7 +249,9 @@ async def test_membership_events_same_order_for_all_members(server: Server) -> N
 
 
 async def test_slow_reader_is_evicted_and_room_keeps_going(server_factory: Callable[..., Any]) -> None:
-    server = await server_factory(limits={"max_message_bytes": 65536, "send_queue_bytes": 65536})
+    server = await server_factory(
+        limits={"max_message_bytes": 65536, "send_queue_bytes": 65536, "max_sdp_length": 65536}
+    )
     sdp = "x" * 60_000
     # message_queue_size=1: once one frame is buffered the slow client stops reading its socket.
     async with (
