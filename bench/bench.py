@@ -264,8 +264,8 @@ def summarize_profile(target: str, raw: str, top: int) -> list[str]:
     total = 0
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack:
-            continue
+        if not stack or not count.isdigit():
+            continue  # not a "stack count" line (a frame name with a line break in it, say)
         frames = stack.split(";")
         total += int(count)
         own[_function(frames[-1])] += int(count)
@@ -340,6 +340,8 @@ def main() -> None:
             continue
         print(f"{name} ...", file=sys.stderr)
         report += table(name, scenario, measure(scenario, options, args.runs))
+    if args.out:  # the figures survive whatever happens while profiling
+        args.out.write_text("\n".join(report) + "\n")
     if args.profile_seconds > 0 and "A" in args.only:
         print("profiling at saturation (A, 500 pairs) ...", file=sys.stderr)
         report += ["", "## Where the time goes at saturation (A, 500 pairs; py-spy, own time)", ""]
