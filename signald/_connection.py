@@ -58,11 +58,15 @@ class ReplayStream(trio.abc.HalfCloseableStream):
         self._early = early
         self._released = trio.Event()
         self._stream = stream
+        #: Head replayed, released, early bytes replayed: reads now go straight to the socket.
+        self._live = False
 
     def release(self) -> None:
         self._released.set()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._live:  # the common case, once per read: no extra checkpoint on top of the socket's
+            return await self._stream.receive_some(max_bytes)
         if self._head:
             chunk, self._head = _split(self._head, max_bytes)
             await trio.lowlevel.checkpoint()
@@ -71,6 +75,7 @@ class ReplayStream(trio.abc.HalfCloseableStream):
         if self._early:
             chunk, self._early = _split(self._early, max_bytes)
             return chunk
+        self._live = True
         return await self._stream.receive_some(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:

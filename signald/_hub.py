@@ -3,7 +3,10 @@
 Joins, leaves and relays for a room are commands sent into its channel and applied by its
 task, one after another, to the pure :class:`~signald._room.Room`; that serialization is why
 no locks exist anywhere. The room task drains its channel in batches and never awaits a
-socket: delivering a frame means pushing it into the member's :class:`Outbox`.
+socket: delivering a frame means pushing it into the member's :class:`Outbox`. A join or
+relay that finds its occupied room idle (task parked, channel empty) is applied at once by
+the sender instead: it would have been the next command anyway, so the order is the same,
+and the room task is woken only when there is a queue to drain.
 
 A room task ends when its room should no longer exist (empty, and either created by a join or
 idle past ``rooms.idle_ttl``). It unregisters itself and closes its channel in the same
@@ -76,9 +79,27 @@ class RoomTask:
         self._clock = clock
         self._send, self._receive = trio.open_memory_channel[_Command](CHANNEL_SIZE)
 
+    def _idle(self) -> bool:
+        """Occupied, and the task is parked on an empty channel: nothing is queued ahead.
+
+        A command sent now would be the next one applied, so applying it at once, in the
+        sender's task, gives the room exactly the order the channel would, without waking
+        the room task: on the relay path that wake-up costs more than the relay itself.
+        Occupied, so the parked task is not timing an idle room (its deadline is infinite).
+        """
+        return bool(self.room.seats) and self._receive.statistics().tasks_waiting_receive > 0
+
+    def _apply_now(self, command: _Command) -> None:
+        self._apply(command)
+        if not self.room.seats:  # emptied by evictions: the task must look again, and end the room
+            self._send.send_nowait(_Leave(""))
+
     async def join(self, member: Member, request_id: m.RequestId) -> bool:
         """Raises ``trio.BrokenResourceError`` if this room has just ended."""
         command = _Join(member, request_id)
+        if self._idle():
+            self._apply_now(command)
+            return command.joined
         await self._send.send(command)
         await command.done.wait()
         return command.joined
@@ -88,8 +109,23 @@ class RoomTask:
             await self._send.send(_Leave(peer_id))
 
     async def relay(self, sender_id: str, to: str, text: str, request_id: m.RequestId) -> None:
-        with contextlib.suppress(trio.BrokenResourceError):
-            await self._send.send(_Relay(sender_id, to, text, request_id))
+        """Apply a relay now if the room is idle, else queue it; waits only when the channel is
+        full (a flooding reader).
+
+        ``send_nowait`` skips the scheduler round trip that ``send`` makes even when there
+        is room, and the sender's next ``get_message`` is a checkpoint anyway.
+        """
+        command = _Relay(sender_id, to, text, request_id)
+        if self._idle():
+            self._apply_now(command)
+            return
+        try:
+            self._send.send_nowait(command)
+        except trio.WouldBlock:
+            with contextlib.suppress(trio.BrokenResourceError):
+                await self._send.send(command)
+        except trio.BrokenResourceError:
+            pass  # the room has ended, so its members, the sender included, have left
 
     def _apply(self, command: _Command) -> None:
         room = self.room
@@ -115,7 +151,8 @@ class RoomTask:
         with self._receive:
             while True:
                 deadline = idle_since + self._idle_ttl if not self.room.seats else math.inf
-                with trio.move_on_at(deadline):
+                # A cancel scope costs more than the rest of a wake-up: open one only to time out.
+                with trio.move_on_at(deadline) if deadline != math.inf else contextlib.nullcontext():
                     command = await self._receive.receive()
                     self._apply(command)
                     for _ in range(BATCH):

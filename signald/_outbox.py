@@ -8,7 +8,6 @@ the connection can be evicted (close code 1008) instead of growing without bound
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 
 import trio
@@ -18,7 +17,9 @@ class Outbox:
     def __init__(self, limit_bytes: int, on_overflow: Callable[[], None]) -> None:
         self._limit = limit_bytes
         self._on_overflow = on_overflow
-        self._frames: deque[str] = deque()
+        #: A list, not a deque: only ever appended to and taken whole, and an idle
+        #: connection's empty list is ~560 bytes smaller than an empty deque.
+        self._frames: list[str] = []
         #: Bytes pushed and not yet reported written: queued frames plus the writer's batch.
         self._unsent = 0
         self._wakeup = trio.Event()
@@ -58,8 +59,7 @@ class Outbox:
             self._wakeup = trio.Event()
         if self.closed:
             return []
-        batch = list(self._frames)
-        self._frames.clear()
+        batch, self._frames = self._frames, []
         return batch
 
     def written(self, size: int) -> None:

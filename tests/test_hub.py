@@ -8,7 +8,7 @@ import trio
 import trio.testing
 
 from signald._config import RoomsConfig
-from signald._hub import BATCH, RoomHub, _Leave
+from signald._hub import BATCH, RoomHub, RoomTask, _Leave
 
 from .test_room import FakeMember
 
@@ -32,6 +32,21 @@ async def test_posted_room_expires_after_idle_ttl_and_occupants_reset_the_clock(
         await trio.sleep(700)
         assert hub.get(room.id) is None
         assert len(hub) == 0
+
+
+async def test_a_short_visit_restarts_the_idle_clock(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        hub = RoomHub(RoomsConfig(idle_ttl=3600), nursery)
+        room = hub.create("Standup")
+        await trio.sleep(3000)
+        task = await hub.join(room.id, FakeMember("a", "A"))
+        assert task is not None
+        await trio.sleep(100)
+        await task.leave("a")
+        await trio.sleep(3000)  # 6100 s after creation, but only 3000 s idle
+        assert hub.get(room.id) is room
+        await trio.sleep(700)
+        assert hub.get(room.id) is None
 
 
 async def test_joined_room_vanishes_with_its_last_member() -> None:
@@ -72,18 +87,63 @@ async def test_join_after_the_room_ended_creates_a_new_one() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def _seated_pair(nursery: trio.Nursery, a: FakeMember, b: FakeMember) -> tuple[RoomHub, RoomTask]:
+    """A hub whose room ``r`` holds ``a`` then ``b``, with every task settled."""
+    hub = RoomHub(RoomsConfig(), nursery)
+    task = await hub.join("r", a)
+    assert task is not None and await hub.join("r", b) is task
+    await trio.testing.wait_all_tasks_blocked()
+    return hub, task
+
+
 async def test_many_relays_are_applied_in_order_across_batches() -> None:
     async with trio.open_nursery() as nursery:
-        hub = RoomHub(RoomsConfig(), nursery)
         a, b = FakeMember("a", "A"), FakeMember("b", "B")
-        task = await hub.join("r", a)
-        await hub.join("r", b)
-        assert task is not None
+        _, task = await _seated_pair(nursery, a, b)
         count = BATCH * 3 + 7
+        task._send.send_nowait(_Leave("nobody"))  # a command in flight: relays must queue behind it
         for i in range(count):
             await task.relay("a", "b", json.dumps({"type": "webrtc-offer", "n": i}), None)
         await trio.testing.wait_all_tasks_blocked()
         assert [f["n"] for f in b.frames if f["type"] == "webrtc-offer"] == list(range(count))
+        nursery.cancel_scope.cancel()
+
+
+async def test_relay_to_an_idle_room_is_applied_at_once() -> None:
+    async with trio.open_nursery() as nursery:
+        a, b = FakeMember("a", "A"), FakeMember("b", "B")
+        _, task = await _seated_pair(nursery, a, b)
+        await task.relay("a", "b", json.dumps({"type": "webrtc-offer"}), None)
+        assert b.types() == ["joined-room", "webrtc-offer"]  # delivered without waking the room task
+        nursery.cancel_scope.cancel()
+
+
+async def test_relay_behind_a_pending_command_keeps_the_channel_order() -> None:
+    async with trio.open_nursery() as nursery:
+        a, b = FakeMember("a", "A"), FakeMember("b", "B")
+        _, task = await _seated_pair(nursery, a, b)
+        task._send.send_nowait(_Leave("b"))  # handed to the room task, not applied yet
+        await task.relay("a", "b", json.dumps({"type": "webrtc-offer"}), "q")
+        await trio.testing.wait_all_tasks_blocked()
+        assert b.types() == ["joined-room"]
+        assert a.frames[-1] == {
+            "type": "error",
+            "code": "peer-not-found",
+            "message": "peer b is not in room r",
+            "requestId": "q",
+        }
+        nursery.cancel_scope.cancel()
+
+
+async def test_relay_applied_at_once_that_evicts_everyone_still_ends_the_room() -> None:
+    async with trio.open_nursery() as nursery:
+        a, b = FakeMember("a", "A", capacity=2), FakeMember("b", "B", capacity=1)
+        hub, task = await _seated_pair(nursery, a, b)
+        # a's peer-not-found overflows a; telling b that a left overflows b: nobody is left.
+        await task.relay("a", "gone", json.dumps({"type": "webrtc-offer"}), None)
+        assert not task.room.seats
+        await trio.testing.wait_all_tasks_blocked()
+        assert hub.get("r") is None
         nursery.cancel_scope.cancel()
 
 

@@ -1,0 +1,357 @@
+"""Run the benchmark: every scenario, against the floor and signald, and print the ratios.
+
+Each measurement starts a fresh server (pinned to one core) and one load generator process
+(pinned to another), and the floor and signald take turns run by run, so drift on a shared
+machine hits both alike. Figures are medians over the runs with their min-max spread, and
+every signald figure is also given as a ratio to the floor's from this same invocation.
+Then, at saturation, both servers are sampled with py-spy to show where the time goes.
+
+Run through ``bench/run`` (it makes the venv); ``--help`` lists the knobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from signald._cli import GC_THRESHOLD
+
+BENCH = Path(__file__).resolve().parent
+PYTHON = sys.executable
+#: Start-up, and the slack a scenario may take beyond its own bounded phases.
+START_TIMEOUT = 20.0
+SCENARIO_SLACK = 90.0
+
+TARGETS = {
+    "floor": [PYTHON, str(BENCH / "floor.py")],
+    "signald": [PYTHON, "-m", "signald", "--host", "127.0.0.1", "--log-level", "warning"],
+}
+
+#: (key, label, better): ``better`` is "higher" or "lower", for the ratio's target.
+FIGURES: dict[str, list[tuple[str, str, str]]] = {
+    "throughput": [
+        ("msgs_per_cpu_s", "relayed msgs per server CPU-second", "higher"),
+        ("msgs_per_s", "relayed msgs/s", "higher"),
+        ("server_cpu_pct", "server CPU %", "info"),
+        ("gen_cpu_pct", "generator CPU %", "info"),
+    ],
+    "latency": [
+        ("p50_ms", "one-way p50 (ms)", "lower"),
+        ("p99_ms", "one-way p99 (ms)", "lower"),
+        ("p999_ms", "one-way p99.9 (ms)", "lower"),
+        ("server_cpu_pct", "server CPU %", "lower"),
+        ("gen_cpu_pct", "generator CPU %", "info"),
+        ("achieved_msgs_per_s", "relayed msgs/s achieved", "info"),
+    ],
+    "memory": [("kib_per_conn", "server RSS per connection (KiB)", "lower")],
+    "join-storm": [
+        ("joins_per_s", "joins/s", "higher"),
+        ("p99_join_ms", "p99 join time (ms)", "lower"),
+        ("p50_join_ms", "p50 join time (ms)", "lower"),
+        ("server_cpu_pct", "server CPU %", "info"),
+        ("gen_cpu_pct", "generator CPU %", "info"),
+    ],
+}
+#: The figure each scenario's target is judged on, and the ratio it must reach.
+TARGET_FIGURE = {
+    "throughput": "msgs_per_cpu_s",
+    "latency": "p99_ms",
+    "memory": "kib_per_conn",
+    "join-storm": "joins_per_s",
+}
+
+
+def pinning() -> tuple[list[str], list[str], str]:
+    """taskset prefixes for (server, generator): different cores when there are two or more."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return [], [], f"not pinned ({len(cores)} core)"
+    server, generator = str(cores[0]), str(cores[1])
+    return ["taskset", "-c", server], ["taskset", "-c", generator], f"server on core {server}, generator on {generator}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def raise_nofile() -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class Server:
+    """One server process on 127.0.0.1, started and stopped around one measurement."""
+
+    def __init__(self, target: str, prefix: list[str]) -> None:
+        self.port = free_port()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - it lives as long as the server; stop() closes it
+        self.proc = subprocess.Popen(
+            [*prefix, *TARGETS[target], "--port", str(self.port)],
+            stdout=self.log,
+            stderr=self.log,
+            preexec_fn=raise_nofile,
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{target} exited at start:\n{self.output()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{target} did not listen within {START_TIMEOUT} s")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-2000:]
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def loadgen(prefix: list[str], server: Server, scenario: str, options: dict[str, Any]) -> dict[str, Any]:
+    args = [*prefix, PYTHON, str(BENCH / "loadgen.py"), scenario, "--port", str(server.port)]
+    args += ["--server-pid", str(server.proc.pid)]
+    for key, value in options.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    bound = options.get("warmup", 0) + options.get("duration", 0) + options.get("settle", 0) + SCENARIO_SLACK
+    done = subprocess.run(args, capture_output=True, text=True, timeout=bound, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"loadgen {scenario} failed:\n{done.stderr[-2000:]}\nserver:\n{server.output()}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(scenario: str, options: dict[str, Any], runs: int) -> dict[str, list[dict[str, Any]]]:
+    server_prefix, gen_prefix, _ = pinning()
+    results: dict[str, list[dict[str, Any]]] = {target: [] for target in TARGETS}
+    for run in range(runs):
+        for target in TARGETS:  # alternate, so slow drift on a shared machine hits both
+            server = Server(target, server_prefix)
+            try:
+                result = loadgen(gen_prefix, server, scenario, options)
+            finally:
+                server.stop()
+            results[target].append(result)
+            print(f"  {scenario} {target} run {run + 1}: {json.dumps(_brief(result))}", file=sys.stderr)
+    return results
+
+
+def _brief(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}
+
+
+def summary(values: list[float]) -> str:
+    med = statistics.median(values)
+    digits = 2 if med < 10 else 1  # sub-millisecond latencies need the second decimal
+    if len(values) == 1:
+        return f"{med:,.{digits}f}"
+    return f"{med:,.{digits}f} [{min(values):,.{digits}f}-{max(values):,.{digits}f}]"
+
+
+def table(name: str, scenario: str, results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    lines = []
+    for key, label, better in FIGURES[scenario]:
+        floor = [r[key] for r in results["floor"]]
+        ours = [r[key] for r in results["signald"]]
+        ratio = statistics.median(ours) / statistics.median(floor) if statistics.median(floor) else float("nan")
+        verdict = ""
+        if key == TARGET_FIGURE[scenario]:
+            met = ratio >= 1.0 if better == "higher" else ratio <= 1.0
+            verdict = f"target {'>=' if better == 'higher' else '<='} 1.0x: {'met' if met else 'MISSED'}"
+        lines.append(f"| {name} | {label} | {summary(floor)} | {summary(ours)} | {ratio:.2f}x | {verdict} |")
+    return lines
+
+
+def profile(scenario_options: dict[str, Any], seconds: float, top: int) -> list[str]:
+    """Sample each server with py-spy at saturation; own time by function, plus transport shares."""
+    server_prefix, gen_prefix, _ = pinning()
+    lines = []
+    for target in TARGETS:
+        server = Server(target, server_prefix)
+        # Load until well after py-spy stops, so no wind-down is sampled.
+        options = {**scenario_options, "warmup": 1.0, "duration": seconds + 4.0}
+        gen: subprocess.Popen[str] | None = None
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                gen = subprocess.Popen(
+                    [*gen_prefix, PYTHON, str(BENCH / "loadgen.py"), "throughput", "--port", str(server.port)]
+                    + ["--server-pid", str(server.proc.pid)]
+                    + [arg for k, v in options.items() for arg in (f"--{k}", str(v))],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                time.sleep(3.0)  # joined and warmed up (joins take well under 2 s here)
+                raw = Path(tmp) / "profile.txt"
+                spy = [str(Path(PYTHON).parent / "py-spy"), "record", "--pid", str(server.proc.pid)]
+                spy += ["--duration", str(int(seconds)), "--rate", "200", "--format", "raw", "--nonblocking"]
+                done = subprocess.run(
+                    [*gen_prefix, *spy, "-o", str(raw)], capture_output=True, text=True, timeout=seconds + 30
+                )
+                gen.communicate(timeout=SCENARIO_SLACK)
+                if done.returncode != 0 or not raw.exists():
+                    lines += [f"py-spy could not sample {target}: {done.stderr.strip()[-300:]}", ""]
+                else:
+                    lines += summarize_profile(target, raw.read_text(), top)
+        finally:
+            if gen is not None and gen.poll() is None:
+                gen.kill()
+                gen.wait()
+            server.stop()
+    return lines
+
+
+def _function(frame: str) -> str:
+    """``name (path/to/module.py:123)`` -> ``name (module.py)``."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({where.split(':')[0].rsplit('/', 1)[-1]})"
+
+
+def _layer(frame: str) -> str:
+    """Which layer a frame's code belongs to: the server's own, its transport, or trio."""
+    where = frame.partition(" (")[2]
+    for marker, layer in (
+        ("signald/", "signald"),
+        ("floor.py", "floor"),
+        ("trio_websocket/", "trio-websocket"),
+        ("wsproto/", "wsproto"),
+        ("h11/", "h11"),
+        ("trio/", "trio (scheduler, sockets, channels)"),
+        ("outcome", "trio (scheduler, sockets, channels)"),
+        ("json/", "json"),
+    ):
+        if marker in where:
+            return layer
+    return "other (stdlib, C calls)"
+
+
+#: Inclusive shares worth naming: trio-websocket's per-message costs and our own stages.
+MARKERS = {
+    "send_message (lock + one send_all per frame)": "WebSocketConnection.send_message",
+    "reader task -> get_message channel hand-off": "WebSocketConnection._handle_message_event",
+    "trio-websocket reader task (all)": "WebSocketConnection._reader_task",
+    "signald room tasks": "RoomTask.run",
+    "signald session reader (parse, route)": "Session._reader",
+}
+
+
+def summarize_profile(target: str, raw: str, top: int) -> list[str]:
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    layers: Counter[str] = Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue  # not a "stack count" line (a frame name with a line break in it, say)
+        frames = stack.split(";")
+        total += int(count)
+        own[_function(frames[-1])] += int(count)
+        layers[_layer(frames[-1])] += int(count)
+        for name in {frame.partition(" (")[0] for frame in frames}:
+            inclusive[name] += int(count)
+    lines = [f"### {target}: {total} samples, top {top} functions by own time", ""]
+    lines += [f"    {100 * n / total:5.1f}%  {name}" for name, n in own.most_common(top)]
+    lines += ["", f"{target}: own time by layer", ""]
+    lines += [f"    {100 * n / total:5.1f}%  {name}" for name, n in layers.most_common()]
+    lines += ["", f"{target}: inclusive shares", ""]
+    for label, name in MARKERS.items():
+        if inclusive[name]:
+            lines.append(f"    {100 * inclusive[name] / total:5.1f}%  {label}")
+    return [*lines, ""]
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
+    timing = {"warmup": args.warmup, "duration": args.duration}
+    small = args.quick
+    return [
+        ("A: 50 pairs", "throughput", {"pairs": 50, "window": 8, **timing}),
+        ("A: 500 pairs", "throughput", {"pairs": 500, "window": 8, **timing}),
+        ("B: 2,000 msgs/s, 100 pairs", "latency", {"pairs": 100, "rate": 2000, **timing}),
+        (
+            f"C: {500 if small else 5000} idle, rooms of 4",
+            "memory",
+            {"clients": 500 if small else 5000, "room_size": 4, "settle": 0.5 if small else 2.0},
+        ),
+        (
+            f"D: {400 if small else 2000} joins, 200 at once",
+            "join-storm",
+            {"clients": 400 if small else 2000, "room_size": 4, "concurrency": 200},
+        ),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="signald load benchmark (127.0.0.1 only)")
+    parser.add_argument("--quick", action="store_true", help="smoke check: 1 run, 2 s windows, small C and D")
+    parser.add_argument("--runs", type=int, help="runs per scenario and server (default 3, quick 1)")
+    parser.add_argument("--warmup", type=float, help="seconds before a window (default 2, quick 0.5)")
+    parser.add_argument("--duration", type=float, help="measured seconds per run (default 10, quick 2)")
+    parser.add_argument("--only", default="ABCD", help="scenario letters to run, e.g. AB")
+    parser.add_argument("--profile-seconds", type=float, default=None, help="py-spy seconds (0 = skip)")
+    parser.add_argument("--out", type=Path, help="also write the report (markdown) here")
+    parser.add_argument(
+        "--floor-gc", action="store_true", help="give the floor signald's GC threshold (apples to apples on GC)"
+    )
+    args = parser.parse_args()
+    if args.floor_gc:
+        TARGETS["floor"] += ["--gc-threshold", str(GC_THRESHOLD)]
+    args.runs = args.runs or (1 if args.quick else 3)
+    args.warmup = args.warmup if args.warmup is not None else (0.5 if args.quick else 2.0)
+    args.duration = args.duration if args.duration is not None else (2.0 if args.quick else 10.0)
+    if args.profile_seconds is None:
+        args.profile_seconds = 2.0 if args.quick else 8.0
+    raise_nofile()
+
+    started = time.monotonic()
+    _, _, pinned = pinning()
+    floor_gc = f"floor GC threshold {GC_THRESHOLD}" if args.floor_gc else "floor with Python's GC defaults"
+    report = [
+        f"# signald benchmark: {args.runs} run(s), {args.warmup:g} s warm-up + {args.duration:g} s windows; {pinned}; "
+        + floor_gc,
+        "",
+        "| scenario | figure | floor median [min-max] | signald median [min-max] | signald/floor | |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, scenario, options in plan(args):
+        if name[0] not in args.only:
+            continue
+        print(f"{name} ...", file=sys.stderr)
+        report += table(name, scenario, measure(scenario, options, args.runs))
+    if args.out:  # the figures survive whatever happens while profiling
+        args.out.write_text("\n".join(report) + "\n")
+    if args.profile_seconds > 0 and "A" in args.only:
+        print("profiling at saturation (A, 500 pairs) ...", file=sys.stderr)
+        report += ["", "## Where the time goes at saturation (A, 500 pairs; py-spy, own time)", ""]
+        report += profile({"pairs": 500, "window": 8}, args.profile_seconds, 15)
+    report.append(f"Total time {time.monotonic() - started:.0f} s.")
+    text = "\n".join(report)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
