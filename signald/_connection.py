@@ -115,9 +115,11 @@ def _header_map(request: h11.Request) -> dict[str, str]:
 
 
 class HttpConnection:
-    def __init__(self, server: Server, stream: trio.SocketStream, remote: str) -> None:
+    def __init__(self, server: Server, stream: trio.SocketStream, peer_host: str, remote: str) -> None:
         self._server = server
         self._stream = stream
+        self._peer_host = peer_host
+        #: "host:port", for log lines.
         self._remote = remote
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
 
@@ -238,8 +240,7 @@ class HttpConnection:
 
     def _client(self, headers: dict[str, str]) -> str:
         """The per-address key of the client: the peer, or whom a trusted proxy forwarded."""
-        peer = self._remote.rpartition(":")[0] or self._remote  # remote is "host:port"
-        return self._server.proxies.client_key(peer, headers.get("x-forwarded-for"))
+        return self._server.proxies.client_key(self._peer_host, headers.get("x-forwarded-for"))
 
     async def _upgrade(self, request: h11.Request) -> None:
         headers = _header_map(request)

@@ -146,11 +146,11 @@ class Server:
         transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
         try:
             host, port, *_ = transport.socket.getpeername()
-            remote = f"{host}:{port}"
         except OSError:
-            remote = "?"
+            host, port = "?", 0
+        remote = f"{host}:{port}"
         try:
-            await HttpConnection(self, stream, remote).run()
+            await HttpConnection(self, stream, host, remote).run()
         except Exception:
             # A bug in one connection's code must not take the server down with it.
             log.exception("%s: connection failed", remote)
