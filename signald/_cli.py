@@ -14,7 +14,7 @@ from typing import Any
 import trio
 
 from . import __version__, _logging, _systemd
-from ._config import LOG_LEVELS, Config, ConfigError, resolve
+from ._config import FLAGS, LOG_LEVELS, Config, ConfigError, resolve
 from ._server import Server
 
 EXIT_CONFIG = 2
@@ -111,14 +111,10 @@ def _startup_error(exc: BaseException) -> ConfigError | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides: dict[str, Any] = {}
-    if args.host is not None:
-        overrides["server.host"] = args.host
-    if args.port is not None:
-        overrides["server.port"] = args.port
-    if args.log_level is not None:
-        overrides["log.level"] = args.log_level
-    if args.storage_path is not None:
-        overrides["storage.path"] = args.storage_path
+    for key, flag in FLAGS.items():
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        if value is not None:
+            overrides[key] = value
     try:
         config = resolve(args.config, os.environ, overrides)
     except ConfigError as exc:

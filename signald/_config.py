@@ -370,6 +370,14 @@ def load_file(path: str | Path) -> dict[str, Any]:
 
 
 #: Environment variables the Node service read, and where they land in the TOML tree.
+#: The command-line flags that override a key, by key path.
+FLAGS = {
+    "server.host": "--host",
+    "server.port": "--port",
+    "log.level": "--log-level",
+    "storage.path": "--storage-path",
+}
+
 ENVIRONMENT = {
     "HOST": ("server", "host"),
     "PORT": ("server", "port"),
@@ -418,7 +426,7 @@ def resolve(
     for dotted, value in (overrides or {}).items():
         section, key = dotted.split(".")
         _merge(tree, section, key, value)
-        sources[dotted] = "--" + key.replace("_", "-")
+        sources[dotted] = FLAGS[dotted]
     try:
         return structure(tree)
     except ConfigError as exc:

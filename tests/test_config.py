@@ -135,6 +135,9 @@ def test_bad_flag_names_the_flag() -> None:
     with pytest.raises(ConfigError) as info:
         resolve(None, {}, {"server.port": 123456})
     assert info.value.key == "--port"
+    with pytest.raises(ConfigError) as info:
+        resolve(None, {}, {"log.level": "loud"})
+    assert info.value.key == "--log-level"
 
 
 def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
