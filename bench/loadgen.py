@@ -107,7 +107,7 @@ def timestamp_of(payload: bytes) -> int:
 
 
 class Client(asyncio.Protocol):
-    """One WebSocket client; ``on_relay`` sees every relayed candidate it receives.
+    """One WebSocket client; ``on_relay`` sees the relayed candidates of each read, together.
 
     With ``--protocol peerjs`` it is a PeerJS client instead: it connects with its own id
     (PeerJS has no rooms: two ids are a pair), and the server's ``OPEN`` stands for
@@ -116,7 +116,7 @@ class Client(asyncio.Protocol):
 
     ids = 0  # PeerJS ids handed out so far in this process
 
-    def __init__(self, on_relay: Callable[[Client, bytes], None] | None = None) -> None:
+    def __init__(self, on_relay: Callable[[Client, list[bytes]], None] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.upgraded = False
@@ -161,16 +161,19 @@ class Client(asyncio.Protocol):
             self.upgraded = True
             del self.buf[: end + 4]
             self.send(self.first)
+        relays = []
         for opcode, payload in split_frames(self.buf):
             if opcode == 0x1:
                 if payload.startswith(self.relay_prefix) and self.on_relay is not None:
-                    self.on_relay(self, payload)
+                    relays.append(payload)
                 else:
                     self.on_control(json.loads(payload))
             elif opcode == 0x9:  # ping: answer, or signald's keep-alive drops idle clients
                 self.send(client_frame(payload, 0xA))
             elif opcode == 0x8:
                 self.close()
+        if relays and self.on_relay is not None:
+            self.on_relay(self, relays)
 
     def on_control(self, message: dict[str, Any]) -> None:
         if message.get("type") == "joined-room" and not self.joined.done():
@@ -197,7 +200,7 @@ class Client(asyncio.Protocol):
 
 
 async def connect_and_join(
-    room_id: str, on_relay: Callable[[Client, bytes], None] | None = None
+    room_id: str, on_relay: Callable[[Client, list[bytes]], None] | None = None
 ) -> tuple[Client, float]:
     """Connect, upgrade, join ``room_id``; the client and its connect-to-joined time."""
     loop = asyncio.get_running_loop()
@@ -274,7 +277,7 @@ def close_all(clients: list[Client]) -> None:
         client.close()
 
 
-async def join_pairs(pairs: int, on_relay: Callable[[Client, bytes], None]) -> list[Client]:
+async def join_pairs(pairs: int, on_relay: Callable[[Client, list[bytes]], None]) -> list[Client]:
     rooms = [f"p{i}" for i in range(pairs) for _ in range(2)]
     clients, _ = await join_all(rooms, ARGS.concurrency, on_relay)
     for first, second in zip(clients[::2], clients[1::2], strict=True):
@@ -290,12 +293,13 @@ async def throughput() -> dict[str, Any]:
     received = 0
     running = True
 
-    def on_relay(client: Client, payload: bytes) -> None:
+    def on_relay(client: Client, payloads: list[bytes]) -> None:
         nonlocal received
-        received += 1
+        received += len(payloads)
         sender = client.partner
         if running and sender is not None:
-            sender.send(sender.frame)  # one delivered, so its sender may put one more in flight
+            # As many delivered, so many more its sender may put in flight: in one write.
+            sender.send(sender.frame * len(payloads))
 
     clients = await join_pairs(ARGS.pairs, on_relay)
     for client in clients:
@@ -318,9 +322,10 @@ async def latency() -> dict[str, Any]:
     samples: list[int] = []
     recording = False
 
-    def on_relay(client: Client, payload: bytes) -> None:
+    def on_relay(client: Client, payloads: list[bytes]) -> None:
         if recording:
-            samples.append(time.perf_counter_ns() - timestamp_of(payload))
+            now = time.perf_counter_ns()
+            samples.extend(now - timestamp_of(payload) for payload in payloads)
 
     clients = await join_pairs(ARGS.pairs, on_relay)
     templates = [c.partner.peer_id if c.partner else "" for c in clients]
