@@ -1,10 +1,12 @@
-"""Run the benchmark: every scenario, against the floor and signald, and print the ratios.
+"""Run the benchmark: every scenario against the lean floor, the trio-websocket floor, PeerJS
+and signald, and print signald's ratios to the lean floor and to PeerJS.
 
 Each measurement starts a fresh server (pinned to one core) and one load generator process
-(pinned to another), and the floor and signald take turns run by run, so drift on a shared
-machine hits both alike. Figures are medians over the runs with their min-max spread, and
-every signald figure is also given as a ratio to the floor's from this same invocation.
-Then, at saturation, both servers are sampled with py-spy to show where the time goes.
+(pinned to another), and the servers take turns run by run, so drift on a shared machine hits
+all alike. Figures are medians over the runs with their min-max spread, and signald's are also
+given as ratios to the lean floor's and PeerJS's from this same invocation, beside issue 9's
+targets. Then, at saturation, the Python servers are sampled with py-spy to show where the
+time goes.
 
 Run through ``bench/run`` (it makes the venv); ``--help`` lists the knobs.
 """
@@ -370,6 +372,28 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
     ]
 
 
+def cpu_pressure() -> float | None:
+    """The share of the last minute in which some runnable task waited for a CPU (Linux PSI), in %."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            first = f.readline().split()
+    except OSError:
+        return None
+    fields = dict(field.split("=") for field in first[1:])
+    return float(fields["avg60"])
+
+
+def noise(at_start: float | None, at_end: float | None) -> list[str]:
+    if at_start is None or at_end is None:
+        return []
+    return [
+        "",
+        f"CPU pressure (PSI `some avg60`): {at_start:.0f} % at the start, {at_end:.0f} % at the end: how much of the"
+        " time a runnable task waited for a CPU. Above about 10 %, other tenants were taking the cores: a server"
+        " below 100 % CPU in A was starved, and B's latencies then measure the queue for a CPU more than the server.",
+    ]
+
+
 def available(servers: list[str]) -> tuple[list[str], list[str]]:
     """The servers that can run here, and a note for each one left out."""
     notes = []
@@ -411,7 +435,7 @@ def main() -> None:
         args.profile_seconds = 2.0 if args.quick else 8.0
     raise_nofile()
 
-    started = time.monotonic()
+    started, pressure = time.monotonic(), cpu_pressure()
     _, _, pinned = pinning()
     floor_gc = f"floors with GC threshold {GC_THRESHOLD}" if args.floor_gc else "floors with Python's GC defaults"
     report = [
@@ -428,6 +452,7 @@ def main() -> None:
             continue
         print(f"{name} ...", file=sys.stderr)
         report += table(name, scenario, measure(scenario, options, args.runs, servers))
+    report += noise(pressure, cpu_pressure())
     if args.out:  # the figures survive whatever happens while profiling
         args.out.write_text("\n".join(report) + "\n")
     if args.profile_seconds > 0 and "A" in args.only:

@@ -1,4 +1,4 @@
-"""The floor: the leanest relay trio + wsproto can be, speaking signald's messages.
+"""The lean floor: the leanest relay trio + wsproto can be, speaking signald's messages.
 
 signald's figures are reported as ratios to this one, measured in the same invocation, so
 what the benchmark shows is what signald costs *on top of* a WebSocket relay done the cheap
