@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import select
 import signal
 import socket
 import statistics
@@ -36,6 +37,8 @@ PYTHON = sys.executable
 #: Start-up, and the slack a scenario may take beyond its own bounded phases.
 START_TIMEOUT = 20.0
 SCENARIO_SLACK = 90.0
+#: How long the profiler waits for the generator's joins and warm-up.
+WARM_TIMEOUT = 90.0
 
 #: Installed by bench/run (npm); without it the report leaves PeerJS out and says so.
 PEERJS = BENCH / ".peerjs" / "node_modules" / "peer"
@@ -78,6 +81,7 @@ FIGURES: dict[str, list[tuple[str, str]]] = {
     "memory": [("kib_per_conn", "server RSS per connection (KiB)")],
     "join-storm": [
         ("joins_per_s", "joins/s (PeerJS: connects/s)"),
+        ("joins_per_cpu_s", "joins per server CPU-second"),
         ("p99_join_ms", "p99 join time (ms)"),
         ("p50_join_ms", "p50 join time (ms)"),
         ("server_cpu_pct", "server CPU %"),
@@ -269,7 +273,11 @@ def profile(scenario_options: dict[str, Any], seconds: float, top: int, servers:
                     stderr=subprocess.PIPE,
                     text=True,
                 )
-                time.sleep(3.0)  # joined and warmed up (joins take well under 2 s here)
+                # Sample from the end of the warm-up on, however long a starved machine took to join.
+                assert gen.stdout is not None
+                ready, _, _ = select.select([gen.stdout], [], [], WARM_TIMEOUT)
+                if not ready or gen.stdout.readline().strip() != "warm":
+                    raise RuntimeError(f"loadgen did not warm up {target} within {WARM_TIMEOUT} s")
                 raw = Path(tmp) / "profile.txt"
                 spy = [str(Path(PYTHON).parent / "py-spy"), "record", "--pid", str(server.proc.pid)]
                 spy += ["--duration", str(int(seconds)), "--rate", "200", "--format", "raw", "--nonblocking"]

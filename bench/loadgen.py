@@ -36,6 +36,8 @@ UPGRADE = (
     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
 )
 #: How each protocol's relayed candidate starts, as its server sends it.
+#: The line scenario A prints on stdout once warmed up, before its window.
+WARM = "warm"
 RELAY_PREFIX = {"signald": b'{"type":"ice-candidate"', "peerjs": b'{"type":"CANDIDATE"'}
 #: Where the send timestamp sits in a candidate: ``ts`` and 20 digits of perf_counter_ns.
 TS_MARK = b" ts"
@@ -305,6 +307,7 @@ async def throughput() -> dict[str, Any]:
     for client in clients:
         client.send(client.frame * ARGS.window)
     await asyncio.sleep(ARGS.warmup)
+    print(WARM, flush=True)  # bench.py's profiler starts sampling here, whatever the joins took
     before, meter = received, CpuMeter(ARGS.server_pid)
     await asyncio.sleep(ARGS.duration)
     count, cpu = received - before, meter.stop()
@@ -401,6 +404,7 @@ async def join_storm() -> dict[str, Any]:
     times = sorted(t for _, t in results)
     return {
         "joins_per_s": len(times) / cpu["wall_s"],
+        "joins_per_cpu_s": len(times) / cpu["server_cpu_s"] if cpu["server_cpu_s"] else 0.0,
         "p50_join_ms": 1000 * statistics.median(times),
         "p99_join_ms": 1000 * times[min(len(times) - 1, int(0.99 * len(times)))],
         **cpu,
