@@ -99,7 +99,7 @@ def test_pings_we_send() -> None:
 
 @pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 70000])
 def test_text_frames_have_the_shortest_length_encoding(size: int) -> None:
-    data = text_frame("x" * size)
+    data = text_frame(b"x" * size)
     header = data[: len(data) - size]
     assert data[0] == 0x81 and data[len(header) :] == b"x" * size
     if size < 126:
