@@ -1,10 +1,20 @@
 """The daemon's lifecycle: listen, serve, drain.
 
 One nursery holds the room tasks; inside it, a second nursery holds the listener and every
-connection. Shutdown (``shutdown()``, called on SIGTERM/SIGINT) flips the server into
-draining: /health answers 503, upgrades are refused, every WebSocket is asked to close with
-1001, and once they have (or ``server.shutdown_grace`` has passed) the connection nursery is
-cancelled. The room store, when there is one, encloses both, so it is opened (and its rooms
+connection. Shutdown (``shutdown()``, called on SIGTERM/SIGINT) drains in this order:
+
+1. Stop accepting: the listeners are closed before anything else. Under socket activation
+   that closes only our descriptor; systemd keeps the listening socket open, so connections
+   made from now on wait in its backlog for the next process instead of meeting this one
+   (which would only refuse them). Without systemd, new connections are refused.
+2. Let every HTTP exchange under way finish, answered with ``Connection: close``, including
+   the first request of a connection accepted just before; keep-alive connections idling
+   between requests are closed. /health answers 503 and upgrades are refused meanwhile.
+3. Ask every WebSocket to close with 1001.
+4. Once every connection has ended, or ``server.shutdown_grace`` has passed, cancel what is
+   left. Nothing in progress is cancelled before that.
+
+The room store, when there is one, encloses both nurseries, so it is opened (and its rooms
 restored) before anything listens and finishes writing after the last room task has stopped.
 Nothing outlives ``serve``.
 """
@@ -16,6 +26,7 @@ import socket
 import ssl
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import trio
 
@@ -47,8 +58,10 @@ class Server:
         self.port: int | None = None
         self._cors = CorsPolicy(config.cors.allowed_origins)
         self._sessions: set[Session] = set()
+        #: Every accepted connection, WebSockets included, until its handler returns.
+        self._connections: set[HttpConnection] = set()
         self._stop = trio.Event()
-        self._sessions_gone = trio.Event()
+        self._connections_gone = trio.Event()
         self.proxies = TrustedProxies(config.server.trusted_proxies)
         self.connections = ConnectionCounter(config.limits.max_connections, config.limits.max_connections_per_ip)
         self.room_creations = BucketsByKey(config.limits.room_create_rate, config.limits.room_create_burst)
@@ -139,8 +152,6 @@ class Server:
             yield
         finally:
             self._sessions.discard(session)
-            if self.draining and not self._sessions:
-                self._sessions_gone.set()
 
     async def _handle(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
         transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
@@ -149,11 +160,33 @@ class Server:
         except OSError:
             host, port = "?", 0
         remote = f"{host}:{port}"
+        connection = HttpConnection(self, stream, host, remote)
+        self._connections.add(connection)
         try:
-            await HttpConnection(self, stream, host, remote).run()
+            await connection.run()
         except Exception:
             # A bug in one connection's code must not take the server down with it.
             log.exception("%s: connection failed", remote)
+        finally:
+            self._connections.discard(connection)
+            if self.draining and not self._connections:
+                self._connections_gone.set()
+
+    async def _accept(
+        self,
+        listeners: Sequence[trio.abc.Listener[Any]],
+        connections: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[trio.CancelScope],
+    ) -> None:
+        """Accept into ``connections`` until the scope handed to ``task_status`` is cancelled.
+
+        The connections run in the caller's nursery, not in serve_listeners' own, so that
+        cancelling this scope stops the accepting and nothing else.
+        """
+        with trio.CancelScope() as accepting:
+            task_status.started(accepting)
+            await trio.serve_listeners(self._handle, listeners, handler_nursery=connections)
 
     async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until ``shutdown()``, then drain; ``task_status.started`` once accepting."""
@@ -167,11 +200,12 @@ class Server:
             listeners = await self._listen()
             self.port = listeners[0].socket.getsockname()[1]
             async with trio.open_nursery() as connections:
-                if tls is None:
-                    connections.start_soon(trio.serve_listeners, self._handle, listeners)
-                else:
-                    secure = [trio.SSLListener(listener, tls, https_compatible=True) for listener in listeners]
-                    connections.start_soon(trio.serve_listeners, self._handle, secure)
+                served: Sequence[trio.abc.Listener[Any]] = (
+                    listeners
+                    if tls is None
+                    else [trio.SSLListener(listener, tls, https_compatible=True) for listener in listeners]
+                )
+                accepting = await connections.start(self._accept, served, connections)
                 log.info(
                     "listening on %s%s%s",
                     ", ".join(_address(listener.socket) for listener in listeners),
@@ -181,13 +215,26 @@ class Server:
                 task_status.started(self)
                 await self._stop.wait()
                 self.draining = True
-                log.info("shutting down: closing %d WebSocket(s)", len(self._sessions))
+                # Cancelling first means no accept is waiting when the sockets close. Closing
+                # drops only our descriptor of a socket from systemd: it keeps listening.
+                accepting.cancel()
+                for listener in listeners:
+                    await listener.aclose()
+                log.info(
+                    "shutting down: stopped accepting; closing %d WebSocket(s), finishing %d HTTP connection(s)",
+                    len(self._sessions),
+                    len(self._connections) - len(self._sessions),
+                )
+                for connection in list(self._connections):
+                    connection.close_if_idle()
                 for session in list(self._sessions):
                     session.request_close(CLOSE_GOING_AWAY, "server shutting down")
-                if not self._sessions:
-                    self._sessions_gone.set()
+                if not self._connections:
+                    self._connections_gone.set()
                 with trio.move_on_after(server_config.shutdown_grace):
-                    await self._sessions_gone.wait()
+                    await self._connections_gone.wait()
+                if self._connections:
+                    log.warning("shutdown_grace passed: cutting %d connection(s)", len(self._connections))
                 connections.cancel_scope.cancel()
             rooms.cancel_scope.cancel()
         log.info("stopped")
