@@ -21,6 +21,7 @@ Nothing outlives ``serve``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import ssl
@@ -42,6 +43,11 @@ from ._session import CLOSE_GOING_AWAY, Session
 from ._store import open_room_store
 
 log = logging.getLogger("signald")
+
+#: accept(2) failures that mean "out of file descriptors or memory for now", not a broken
+#: listener (as in trio.serve_listeners): wait a moment and accept again.
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_RETRY_SECONDS = 0.1
 
 
 class Server:
@@ -153,7 +159,8 @@ class Server:
         finally:
             self._sessions.discard(session)
 
-    async def _handle(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
+    def _opened(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> tuple[HttpConnection, str]:
+        """A connection just accepted, counted as open from now on, and its "host:port"."""
         transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
         try:
             host, port, *_ = transport.socket.getpeername()
@@ -162,6 +169,9 @@ class Server:
         remote = f"{host}:{port}"
         connection = HttpConnection(self, stream, host, remote)
         self._connections.add(connection)
+        return connection, remote
+
+    async def _handle(self, connection: HttpConnection, remote: str) -> None:
         try:
             await connection.run()
         except Exception:
@@ -172,21 +182,23 @@ class Server:
             if self.draining and not self._connections:
                 self._connections_gone.set()
 
-    async def _accept(
-        self,
-        listeners: Sequence[trio.abc.Listener[Any]],
-        connections: trio.Nursery,
-        *,
-        task_status: trio.TaskStatus[trio.CancelScope],
-    ) -> None:
-        """Accept into ``connections`` until the scope handed to ``task_status`` is cancelled.
+    async def _accept(self, listener: trio.abc.Listener[Any], connections: trio.Nursery) -> None:
+        """Accept into ``connections`` until cancelled.
 
-        The connections run in the caller's nursery, not in serve_listeners' own, so that
-        cancelling this scope stops the accepting and nothing else.
+        Not trio.serve_listeners: a connection must count as open from the moment it is
+        accepted, before its task first runs, or a drain that starts in between would find
+        no connection, end at once, and cut the one whose task then starts.
         """
-        with trio.CancelScope() as accepting:
-            task_status.started(accepting)
-            await trio.serve_listeners(self._handle, listeners, handler_nursery=connections)
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error("cannot accept a connection: %s; retrying in %.1f s", exc.strerror, ACCEPT_RETRY_SECONDS)
+                await trio.sleep(ACCEPT_RETRY_SECONDS)
+                continue
+            connections.start_soon(self._handle, *self._opened(stream))
 
     async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until ``shutdown()``, then drain; ``task_status.started`` once accepting."""
@@ -205,7 +217,14 @@ class Server:
                     if tls is None
                     else [trio.SSLListener(listener, tls, https_compatible=True) for listener in listeners]
                 )
-                accepting = await connections.start(self._accept, served, connections)
+                accepting = trio.CancelScope()
+
+                async def accept(listener: trio.abc.Listener[Any]) -> None:
+                    with accepting:
+                        await self._accept(listener, connections)
+
+                for listener in served:
+                    connections.start_soon(accept, listener)
                 log.info(
                     "listening on %s%s%s",
                     ", ".join(_address(listener.socket) for listener in listeners),
@@ -215,8 +234,9 @@ class Server:
                 task_status.started(self)
                 await self._stop.wait()
                 self.draining = True
-                # Cancelling first means no accept is waiting when the sockets close. Closing
-                # drops only our descriptor of a socket from systemd: it keeps listening.
+                # Cancelling first means no accept is waiting when the sockets close (and no
+                # connection is accepted after this). Closing drops only our descriptor of a
+                # socket from systemd: it keeps listening.
                 accepting.cancel()
                 for listener in listeners:
                     await listener.aclose()
