@@ -3,9 +3,7 @@
     traffic PORT STOP OUT   back-to-back requests, one connection each, until the file STOP
                             exists; then a JSON summary to OUT (ok, refused, failed, ...).
                             OUT.started appears once the first request has succeeded. They
-                            alternate GET /api/rooms (must be 200) and GET /health, which may
-                            also be 503 "shutting-down" from a process that accepted it just
-                            before its drain (counted apart, as "draining")
+                            alternate GET /api/rooms and GET /health; each must be 200
     mute PORT STOP OUT      keeps a WebSocket open that never answers the close handshake (it
                             reads and discards); when the server cuts it, opens the next one
     member PORT STOP        joins room "standup" as "ada" (STOP.joined appears once the server
@@ -63,7 +61,7 @@ def read_response(sock: socket.socket) -> tuple[int, bytes]:
 
 
 def traffic(port: int, stop: str, out: str) -> None:
-    summary = {"ok": 0, "draining": 0, "refused": 0, "failed": 0, "errors": [], "slowest": 0.0}
+    summary = {"ok": 0, "refused": 0, "failed": 0, "errors": [], "slowest": 0.0}
     deadline = time.monotonic() + MAX_SECONDS
     for n in range(MAX_REQUESTS):
         if os.path.exists(stop) or time.monotonic() > deadline:
@@ -74,13 +72,9 @@ def traffic(port: int, stop: str, out: str) -> None:
             with socket.create_connection(("127.0.0.1", port), timeout=REQUEST_TIMEOUT) as sock:
                 sock.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
                 status, body = read_response(sock)
-            answer = json.loads(body)
-            if target == "/health" and status == 503 and answer.get("status") == "shutting-down":
-                summary["draining"] += 1
-            elif status != 200 or ("rooms" if target == "/api/rooms" else "status") not in answer:
+            if status != 200 or ("rooms" if target == "/api/rooms" else "status") not in json.loads(body):
                 raise ValueError(f"{target}: status {status}: {body[:200]!r}")
-            else:
-                summary["ok"] += 1
+            summary["ok"] += 1
             if summary["ok"] == 1:
                 open(f"{out}.started", "w").close()
         except ConnectionRefusedError:

@@ -9,7 +9,8 @@ connection. Shutdown (``shutdown()``, called on SIGTERM/SIGINT) drains in this o
    (which would only refuse them). Without systemd, new connections are refused.
 2. Let every HTTP exchange under way finish, answered with ``Connection: close``, including
    the first request of a connection accepted just before; keep-alive connections idling
-   between requests are closed. /health answers 503 and upgrades are refused meanwhile.
+   between requests are closed. Upgrades are refused meanwhile, and /health answers 503
+   unless the socket came from systemd (whose port stays served).
 3. Ask every WebSocket to close with 1001.
 4. Once every connection has ended, or ``server.shutdown_grace`` has passed, cancel what is
    left. Nothing in progress is cancelled before that.
@@ -100,7 +101,10 @@ class Server:
         return pending
 
     def _rest_api(self) -> RestApi:
-        return RestApi(self.config, self._hub, lambda: self.draining, self.room_creations)
+        # /health speaks for the port. Under socket activation the port stays served while a
+        # process drains (its successor takes the backlog), so what the draining process still
+        # answers says "healthy"; only a port that is going away says "shutting-down".
+        return RestApi(self.config, self._hub, lambda: self.draining and not self._inherited, self.room_creations)
 
     def status(self) -> str:
         """One line for ``systemctl status``."""

@@ -134,12 +134,19 @@ async def test_under_socket_activation_connections_made_during_the_drain_wait_fo
             busy = await trio.open_tcp_stream("127.0.0.1", port)
             first, rest = _post_room("standup")
             await busy.send_all(first)
+            probe = await trio.open_tcp_stream("127.0.0.1", port)
+            await probe.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # the head's last line to come
             await trio.testing.wait_all_tasks_blocked()
             old.shutdown()
             await trio.testing.wait_all_tasks_blocked()  # draining, held up by the half request
             # Accepted by the kernel into the backlog, not by the draining process.
             late = await trio.open_tcp_stream("127.0.0.1", port)
             await late.send_all(b"GET /api/rooms HTTP/1.1\r\nHost: x\r\nOrigin: https://new.example\r\n\r\n")
+            # The port is not going away, so the draining process's last /health says so.
+            await probe.send_all(b"\r\n")
+            with trio.fail_after(TIMEOUT):
+                status, _, body = await read_response(_sent(), probe)
+            assert status == 200 and body["status"] == "healthy"
             await busy.send_all(rest)
             with trio.fail_after(TIMEOUT):
                 status, _, _ = await read_response(_sent(), busy)
@@ -152,8 +159,8 @@ async def test_under_socket_activation_connections_made_during_the_drain_wait_fo
             assert status == 200 and body == {"rooms": []}
             assert headers["access-control-allow-origin"] == "https://new.example"
             new.shutdown()
-        await busy.aclose()
-        await late.aclose()
+        for stream in (busy, probe, late):
+            await stream.aclose()
 
 
 async def test_crash_in_one_connection_does_not_take_the_server_down(
