@@ -186,10 +186,26 @@ class Server:
             if self.draining and not self._connections:
                 self._connections_gone.set()
 
-    async def _accept(self, listener: trio.abc.Listener[Any], connections: trio.Nursery) -> None:
-        """Accept into ``connections`` until cancelled.
+    async def _accept(
+        self,
+        listeners: Sequence[trio.abc.Listener[Any]],
+        connections: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[trio.CancelScope],
+    ) -> None:
+        """Accept into ``connections`` until the scope handed to ``task_status`` is cancelled.
 
-        Not trio.serve_listeners: a connection must count as open from the moment it is
+        The connections run in the caller's nursery, so cancelling the scope stops accepting
+        and nothing else.
+        """
+        with trio.CancelScope() as accepting:
+            task_status.started(accepting)
+            async with trio.open_nursery() as nursery:
+                for listener in listeners:
+                    nursery.start_soon(self._accept_one, listener, connections)
+
+    async def _accept_one(self, listener: trio.abc.Listener[Any], connections: trio.Nursery) -> None:
+        """Not trio.serve_listeners: a connection must count as open from the moment it is
         accepted, before its task first runs, or a drain that starts in between would find
         no connection, end at once, and cut the one whose task then starts.
         """
@@ -221,14 +237,7 @@ class Server:
                     if tls is None
                     else [trio.SSLListener(listener, tls, https_compatible=True) for listener in listeners]
                 )
-                accepting = trio.CancelScope()
-
-                async def accept(listener: trio.abc.Listener[Any]) -> None:
-                    with accepting:
-                        await self._accept(listener, connections)
-
-                for listener in served:
-                    connections.start_soon(accept, listener)
+                accepting = await connections.start(self._accept, served, connections)
                 log.info(
                     "listening on %s%s%s",
                     ", ".join(_address(listener.socket) for listener in listeners),

@@ -113,6 +113,21 @@ async def test_drain_finishes_the_request_under_way_and_closes_idle_keep_alive()
     await busy.aclose()
 
 
+async def test_every_listener_is_served_and_closed_by_the_drain() -> None:
+    with socket.socket() as first, socket.socket() as second:
+        for held in (first, second):
+            held.bind(("127.0.0.1", 0))
+            held.listen(16)
+        server = Server(make_config(), [first.dup(), second.dup()])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            for held in (first, second):
+                status, _, _ = await http_request(held.getsockname()[1], "GET", "/health")
+                assert status == 200
+            server.shutdown()
+        # serve() returned by itself: the drain stopped the accepting on both.
+
+
 def _sent() -> h11.Connection:
     """A client h11 connection that has sent a request, to read the response to one sent by hand."""
     conn = h11.Connection(h11.CLIENT)
