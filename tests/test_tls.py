@@ -15,10 +15,12 @@ import pytest
 import trio
 import trustme
 
+from signald import Server
 from signald._config import ConfigError, structure
 
 from ._clients import TIMEOUT, connect, read_response
 from ._process import ROOT
+from .conftest import make_config
 
 
 @attrs.frozen
@@ -123,3 +125,26 @@ def test_unusable_certificates_refuse_to_start(tmp_path: Path, pki: Pki, case: s
     assert len(lines) == 1 and lines[0].startswith(
         f"signald: cannot start: server.tls_cert: cannot load {cert} with {key}: "
     )
+
+
+async def test_drain_closes_an_idle_tls_keep_alive_connection_cleanly(
+    pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = Server(make_config(server={"tls_cert": str(pki.cert), "tls_key": str(pki.key), "request_timeout": 30.0}))
+    with trio.fail_after(TIMEOUT):  # well before request_timeout: the idle connection does not hold the drain
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            assert server.port
+            # https_compatible: the server closes without close_notify, as HTTPS servers may.
+            stream = await trio.open_ssl_over_tcp_stream(
+                "127.0.0.1", server.port, ssl_context=pki.client, https_compatible=True
+            )
+            conn = h11.Connection(h11.CLIENT)
+            await stream.send_all(conn.send(h11.Request(method="GET", target="/health", headers=[("Host", "x")])))
+            await stream.send_all(conn.send(h11.EndOfMessage()))
+            status, headers, _ = await read_response(conn, stream)
+            assert status == 200 and "connection" not in headers
+            server.shutdown()
+            assert await stream.receive_some(1024) == b""
+    await stream.aclose()
+    assert "connection failed" not in caplog.text
