@@ -109,7 +109,7 @@ class LimitsConfig:
 
 #: Shortest ``auth.secret``: HS256 wants a key at least as long as its 256-bit hash (RFC 7518).
 MIN_SECRET = 32
-#: Shortest ``auth.api_keys`` entry: long enough that guessing one is hopeless.
+#: Shortest ``auth.api_keys`` entry (and ``ice.turn_secret``): long enough that guessing one is hopeless.
 MIN_API_KEY = 16
 
 
@@ -149,6 +149,12 @@ class IceConfig:
     #: STUN/TURN servers clients should use, served at GET /api/ice-servers. Empty = host
     #: candidates only, which is enough on one machine or one LAN.
     servers: tuple[IceServer, ...] = ()
+    #: TURN servers for which signald mints each room member its own short-lived credentials
+    #: (coturn's use-auth-secret scheme, see ``_turn``), shared with the TURN server as
+    #: ``turn_secret``; credentials are valid for ``turn_ttl`` seconds from the join.
+    turn_urls: tuple[str, ...] = ()
+    turn_secret: str = attrs.field(default="", repr=False)
+    turn_ttl: int = _bounded(3600, low=60, high=7 * 86400)
 
 
 @attrs.frozen
@@ -285,6 +291,19 @@ def _check_ice_server(key: str, server: IceServer) -> None:
             raise ConfigError(key, f"{url} is a TURN server: set both username and credential")
 
 
+def _check_turn(ice: IceConfig) -> None:
+    for url in ice.turn_urls:
+        scheme, colon, rest = url.partition(":")
+        if not colon or scheme not in ("turn", "turns") or not rest or rest.startswith("/"):
+            raise ConfigError("ice.turn_urls", f"{url!r} is not a TURN URL like turn:host:3478 or turns:host:5349")
+    if ice.turn_secret and not ice.turn_urls:
+        raise ConfigError("ice.turn_urls", "required when ice.turn_secret is set: the TURN servers to hand out")
+    if ice.turn_urls and not ice.turn_secret:
+        raise ConfigError("ice.turn_secret", "required when ice.turn_urls is set: the TURN server's static-auth-secret")
+    if ice.turn_secret and len(ice.turn_secret) < MIN_API_KEY:
+        raise ConfigError("ice.turn_secret", f"must be at least {MIN_API_KEY} characters")
+
+
 def _check(config: Config) -> Config:
     for field in attrs.fields(Config):
         _check_ranges(field.name, getattr(config, field.name))
@@ -316,6 +335,7 @@ def _check(config: Config) -> Config:
         raise ConfigError(f"server.{missing}", f"required when server.{given} is set")
     for index, server in enumerate(config.ice.servers):
         _check_ice_server(f"ice.servers[{index}]", server)
+    _check_turn(config.ice)
     if config.limits.send_queue_bytes < config.limits.max_message_bytes:
         raise ConfigError(
             "limits.send_queue_bytes",

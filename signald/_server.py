@@ -29,6 +29,7 @@ from ._limits import BucketsByKey, ConnectionCounter, Refusal
 from ._rest import HttpResponse, RestApi, error_response
 from ._session import CLOSE_GOING_AWAY, Session
 from ._store import open_room_store
+from ._turn import IceServers
 
 log = logging.getLogger("signald")
 
@@ -160,7 +161,7 @@ class Server:
         server_config = self.config.server
         tls = tls_context(server_config)
         async with open_room_store(self.config.storage.path) as store, trio.open_nursery() as rooms:
-            self._hub = RoomHub(self.config.rooms, rooms, store=store)
+            self._hub = RoomHub(self.config.rooms, rooms, store=store, ice=IceServers.from_config(self.config.ice))
             for saved in store.saved if store is not None else ():
                 self._hub.restore(saved.id, saved.name, saved.max_participants, saved.created_at)
             self._rest = self._rest_api()

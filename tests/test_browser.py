@@ -2,7 +2,7 @@
 
 The call runs in ``_browser_call.py``, in a private network namespace where loopback is the
 only interface (see its docstring); this test judges its report. Chromium comes from
-Debian (``scripts/install-chromium``, run by ``scripts/test``). A missing Chromium fails this
+Debian (``scripts/install-test-packages``, run by ``scripts/test``). A missing Chromium fails this
 test rather than skipping it: the browser is the product's proof.
 """
 
