@@ -119,6 +119,9 @@ class AuthConfig:
     secret: str = attrs.field(default="", repr=False)
     #: Bearer keys for mutating REST calls; empty = no key needed.
     api_keys: tuple[str, ...] = attrs.field(default=(), repr=False)
+    #: Files holding them instead (see ``SECRETS``): the secret, and one key per line.
+    secret_file: str = ""
+    api_keys_file: str = ""
 
 
 @attrs.frozen
@@ -154,6 +157,7 @@ class IceConfig:
     #: ``turn_secret``; credentials are valid for ``turn_ttl`` seconds from the join.
     turn_urls: tuple[str, ...] = ()
     turn_secret: str = attrs.field(default="", repr=False)
+    turn_secret_file: str = ""
     turn_ttl: int = _bounded(3600, low=60, high=7 * 86400)
 
 
@@ -344,8 +348,88 @@ def _check(config: Config) -> Config:
     return config
 
 
-def structure(data: Mapping[str, Any]) -> Config:
-    """Build a validated :class:`Config` from a TOML-shaped mapping."""
+@attrs.frozen
+class Secret:
+    """A key whose value should not sit in the world-readable TOML file.
+
+    Its value may come from exactly one of three places: the key itself, the file named by
+    ``<key>_file`` (readable by the service only), or the systemd credential named like the key
+    (``LoadCredential=auth.secret:/etc/signald/auth.secret`` in the unit puts it in
+    ``$CREDENTIALS_DIRECTORY/auth.secret``, readable by the service alone, even under
+    ``DynamicUser=``). Two places at once is refused rather than ranked: an operator who moved a
+    secret to a file and forgot the old value would otherwise run with the one they did not mean.
+    """
+
+    section: str
+    name: str
+    #: A list of values, one per line of the file (blank lines and ``#`` comments skipped).
+    lines: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.name}"
+
+
+SECRETS = (Secret("auth", "secret"), Secret("auth", "api_keys", lines=True), Secret("ice", "turn_secret"))
+_SECRET_KEYS = {secret.key for secret in SECRETS}
+
+
+def _read_secret(secret: Secret, key: str, path: str) -> str | tuple[str, ...]:
+    """The secret in ``path``; ``key`` names where the path came from, for the error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(key, f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"{path}: not UTF-8 text") from None
+    if secret.lines:
+        values = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+        if not values:
+            raise ConfigError(key, f"{path}: holds no key (one per line)")
+        return values
+    value = text.strip()
+    if not value:
+        raise ConfigError(key, f"{path}: is empty")
+    return value
+
+
+def _load_secrets(config: Config, credentials: str | None) -> tuple[Config, dict[str, tuple[str, str]]]:
+    """``config`` with each secret read from its file or credential; and where each came from.
+
+    The second value maps a secret's key to (the key to report, the file) for check errors.
+    """
+    origins: dict[str, tuple[str, str]] = {}
+    for secret in SECRETS:
+        section = getattr(config, secret.section)
+        places: list[tuple[str, str | None]] = []
+        if getattr(section, secret.name):
+            places.append((secret.key, None))
+        path = getattr(section, f"{secret.name}_file")
+        if path:
+            places.append((f"{secret.key}_file", path))
+        if credentials:
+            credential = Path(credentials, secret.key)
+            if credential.exists():
+                places.append((f"systemd credential {secret.key}", str(credential)))
+        if len(places) > 1:
+            (first, _), (second, _) = places[:2]
+            raise ConfigError(secret.key, f"set by both {first} and {second}: keep one")
+        if places and places[0][1] is not None:
+            where, path = places[0]
+            key = where if where.endswith("_file") else secret.key
+            value = _read_secret(secret, key, path)
+            section = attrs.evolve(section, **{secret.name: value})
+            config = attrs.evolve(config, **{secret.section: section})
+            origins[secret.key] = (key, path)
+    return config, origins
+
+
+def structure(data: Mapping[str, Any], credentials: str | None = None) -> Config:
+    """Build a validated :class:`Config` from a TOML-shaped mapping.
+
+    ``credentials`` is systemd's ``$CREDENTIALS_DIRECTORY``, where secrets may be (``Secret``).
+    """
     sections = {field.name for field in attrs.fields(Config)}
     for name, value in data.items():
         if name in sections and not isinstance(value, Mapping):
@@ -353,8 +437,18 @@ def structure(data: Mapping[str, Any]) -> Config:
     try:
         config = _CONVERTER.structure(dict(data), Config)
     except Exception as exc:  # cattrs raises a tree of assorted exceptions
-        raise _first_error(exc, "") from None
-    return _check(config)
+        error = _first_error(exc, "")
+        if error.key in _SECRET_KEYS:  # "expected a list of strings, got str 'the secret'": cut the value
+            raise ConfigError(error.key, error.problem.split(", got ")[0]) from None
+        raise error from None
+    config, origins = _load_secrets(config, credentials)
+    try:
+        return _check(config)
+    except ConfigError as exc:
+        if exc.key not in origins:
+            raise
+        key, path = origins[exc.key]
+        raise ConfigError(key, f"{path}: {exc.problem}") from None
 
 
 def unstructure(config: Config) -> dict[str, Any]:
@@ -433,6 +527,8 @@ def resolve(
 ) -> Config:
     """Defaults < TOML file at ``path`` < ``environ`` < ``overrides`` (CLI flags by key path).
 
+    Secrets may also come from files and from systemd credentials (``Secret``).
+
     A bad value that came from the environment or a flag is reported under that name
     (``PORT: expected an integer``), since that is where the operator has to fix it.
     """
@@ -448,7 +544,7 @@ def resolve(
         _merge(tree, section, key, value)
         sources[dotted] = FLAGS[dotted]
     try:
-        return structure(tree)
+        return structure(tree, (environ or {}).get("CREDENTIALS_DIRECTORY") or None)
     except ConfigError as exc:
         if exc.key in sources:
             raise ConfigError(sources[exc.key], exc.problem) from None
