@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -308,9 +309,36 @@ def _check_turn(ice: IceConfig) -> None:
         raise ConfigError("ice.turn_secret", f"must be at least {MIN_API_KEY} characters")
 
 
+#: A DNS name: dot-separated labels of letters, digits and inner hyphens.
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def _check_host(host: str) -> None:
+    """An IP address or a host name: "0.0.0.0:3000" would otherwise fail only when binding, as a port problem."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    if _HOSTNAME.fullmatch(host):
+        return
+    name, colon, port = host.rpartition(":")
+    if colon and port.isdigit():
+        raise ConfigError(
+            "server.host",
+            f"{host!r} has a port in it: give the address alone ({name.strip('[]')!r}), the port as server.port",
+        )
+    if host.startswith("[") and host.endswith("]"):
+        raise ConfigError("server.host", f"{host!r}: give an IPv6 address without brackets ({host[1:-1]!r})")
+    raise ConfigError(
+        "server.host", f'{host!r} is not an IP address or a host name ("0.0.0.0" or "::" listen on every interface)'
+    )
+
+
 def _check(config: Config) -> Config:
     for field in attrs.fields(Config):
         _check_ranges(field.name, getattr(config, field.name))
+    _check_host(config.server.host)
     if config.log.level not in LOG_LEVELS:
         raise ConfigError("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {config.log.level!r}")
     if config.log.format not in LOG_FORMATS:
@@ -524,10 +552,13 @@ def resolve(
     path: str | Path | None = None,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    check: Callable[[Config], None] | None = None,
 ) -> Config:
     """Defaults < TOML file at ``path`` < ``environ`` < ``overrides`` (CLI flags by key path).
 
-    Secrets may also come from files and from systemd credentials (``Secret``).
+    Secrets may also come from files and from systemd credentials (``Secret``). ``check`` runs
+    on the result (``_startup.check``: the TLS files, the listen address), and its errors are
+    named the same way.
 
     A bad value that came from the environment or a flag is reported under that name
     (``PORT: expected an integer``), since that is where the operator has to fix it.
@@ -544,7 +575,10 @@ def resolve(
         _merge(tree, section, key, value)
         sources[dotted] = FLAGS[dotted]
     try:
-        return structure(tree, (environ or {}).get("CREDENTIALS_DIRECTORY") or None)
+        config = structure(tree, (environ or {}).get("CREDENTIALS_DIRECTORY") or None)
+        if check is not None:
+            check(config)
+        return config
     except ConfigError as exc:
         if exc.key in sources:
             raise ConfigError(sources[exc.key], exc.problem) from None
