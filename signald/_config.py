@@ -4,6 +4,9 @@ Precedence is built-in defaults < TOML file < environment < explicit CLI flags. 
 value can be wrong (unknown key, wrong type, out of range) raises :class:`ConfigError` whose
 message starts with the key path, because an operator reading a one-line journal entry must
 be able to find the line of TOML to fix without reading our source.
+
+Secrets (:data:`SECRETS`) may instead be read from files and systemd credentials; their values
+never appear in an error, only the key and the file.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import attrs
 
-from ._clients import TIMEOUT
+from ._clients import TIMEOUT, free_port
 
 TURNSERVER = "/usr/bin/turnserver"
 #: STUN binding requests sent while waiting for coturn to listen; each waits this long for an answer.
@@ -35,21 +35,6 @@ class Coturn:
     @property
     def url(self) -> str:
         return f"turn:127.0.0.1:{self.port}?transport=udp"
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (coturn listens on both)."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = udp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise AssertionError("no port free for both UDP and TCP")
 
 
 def stun_answers(port: int) -> bool:

@@ -19,8 +19,7 @@ import trio
 import trustme
 from trio_websocket import ConnectionRejected, wrap_client_stream
 
-from ._clients import TIMEOUT, Client
-from ._coturn import free_port
+from ._clients import TIMEOUT, Client, free_port
 from ._proxies import caddy, nginx
 
 
