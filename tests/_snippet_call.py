@@ -50,6 +50,11 @@ LEFT = """() => ws === null && window.before.ws.readyState === WebSocket.CLOSED
 #: Remember the call's socket and camera tracks, to look at them after it has ended.
 REMEMBER = "() => { window.before = { ws, tracks: localStream.getTracks() }; }"
 PEER_IDS = "() => [...peers.keys()]"
+LEAVE_AND_JOIN_TWICE = """() => {
+    document.getElementById('leave').click();
+    document.getElementById('join').click();
+    document.getElementById('join').click();
+}"""
 #: The old socket's handlers, fired late: a user-left for the member bob is now calling, and the close.
 LATE_EVENTS = """async () => {
     const old = window.before.ws;
@@ -149,10 +154,11 @@ def drive(base_url: str, outdir: Path) -> dict[str, Any]:
                 wait(page, IN_CALL)
             second_bob = alice.evaluate(PEER_IDS)
 
-            # Leave and join again at once; then the old socket's events arrive late, as after a
-            # network drop: a stale user-left for alice, and the close. Neither may end the new call.
+            # Leave and join again at once, and a second Join before the first has its camera: one
+            # call, not two. Then the old socket's events arrive late, as after a network drop: a
+            # stale user-left for alice, and the close. Neither may end the new call.
             bob.evaluate(REMEMBER)
-            bob.evaluate("() => { document.getElementById('leave').click(); document.getElementById('join').click(); }")
+            bob.evaluate(LEAVE_AND_JOIN_TWICE)
             for page in (alice, bob):
                 wait(page, IN_CALL)
             wait(bob, "() => window.before.ws.readyState === WebSocket.CLOSED && ws !== window.before.ws")

@@ -76,11 +76,11 @@ async def test_protocol_snippet_calls_leaves_rejoins_and_calls_again(tmp_path: P
     first, second, third = report["bob_peer_ids_seen_by_alice"]
     assert len(first) == len(second) == len(third) == 1 and len({*first, *second, *third}) == 3  # a new peer each time
     assert report["page_errors"] == []  # no uncaught exception, no unhandled rejection
-    # bob's /api/ice-servers answered 503 on each of his three joins: Chromium reports the failed
+    # bob's /api/ice-servers answered 503 on each of his four joins: Chromium reports the failed
     # load, and the snippet carries on with host candidates.
     failed = "Failed to load resource: the server responded with a status of 503 (Service Unavailable)"
-    expected = {"alice": [], "bob": [failed] * 3}
+    expected = {"alice": [], "bob": [failed] * 4}
     for name, messages in report["console"].items():
         assert [text for kind, text in messages if kind == "error"] == expected[name], name
     warnings = [text for kind, text in report["console"]["bob"] if kind == "warning"]
-    assert warnings == ["no STUN/TURN servers from signald: HTTP 503"] * 3
+    assert warnings == ["no STUN/TURN servers from signald: HTTP 503"] * 4
