@@ -54,7 +54,8 @@ def test_secrets_come_from_systemd_credentials(tmp_path: Path) -> None:
     toml.write_text(f"[ice]\nturn_urls = {TURN_URLS!r}\n".replace("'", '"'))
     config = resolve(toml, {"CREDENTIALS_DIRECTORY": str(tmp_path)})
     assert (config.auth.secret, config.auth.api_keys, config.ice.turn_secret) == (AUTH_SECRET, (API_KEY,), TURN_SECRET)
-    assert resolve(None, {}).auth.secret == ""  # no $CREDENTIALS_DIRECTORY, no credentials
+    with pytest.raises(ConfigError, match=r"^ice\.turn_secret: required"):
+        resolve(toml, {})  # without $CREDENTIALS_DIRECTORY, credentials are not looked for
 
 
 @pytest.mark.parametrize(
