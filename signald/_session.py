@@ -163,6 +163,12 @@ class Session:
                     await room.leave(self._peer.peer_id)
             case m.Ping():
                 self.outbox.push(m.encode_pong(message.request_id))
+            case m.GetIceServers():
+                if self._room is None or self._peer is None:
+                    self._reply_error(m.NOT_IN_ROOM, "join a room before asking for ICE servers", message.request_id)
+                else:
+                    ice_servers = self._hub.ice.for_member(self._peer.peer_id)
+                    self.outbox.push(m.encode_ice_servers(ice_servers, message.request_id))
             case m.ProtocolError():
                 self._reply_error(message.code, message.message, message.request_id)
 
