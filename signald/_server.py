@@ -25,23 +25,25 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-import ssl
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import trio
 
+from . import _upgrade
 from ._addresses import TrustedProxies
 from ._auth import JoinTokens
-from ._config import Config, ConfigError, ServerConfig, reloaded
-from ._connection import HttpConnection
+from ._config import Config, ConfigError, reloaded
+from ._connection import Admission, HttpConnection, Stream
 from ._cors import CorsPolicy
 from ._hub import RoomHub
-from ._limits import BucketsByKey, ConnectionCounter, Refusal
-from ._rest import HttpResponse, RestApi, error_response
-from ._session import CLOSE_GOING_AWAY, Session
+from ._limits import BucketsByKey, ConnectionCounter
+from ._rest import HttpRequest, HttpResponse, RestApi
+from ._startup import tls_context
 from ._store import open_room_store
+from ._transport import WebSocket
+from ._turn import IceServers
+from ._websocket import CLOSE_GOING_AWAY
 
 log = logging.getLogger("signald")
 
@@ -64,7 +66,7 @@ class Server:
         self.draining = False
         self.port: int | None = None
         self._cors = CorsPolicy(config.cors.allowed_origins)
-        self._sessions: set[Session] = set()
+        self._websockets: set[WebSocket] = set()
         #: Every accepted connection, WebSockets included, until its handler returns.
         self._connections: set[HttpConnection] = set()
         self._stop = trio.Event()
@@ -78,9 +80,42 @@ class Server:
     def hub(self) -> RoomHub:
         return self._hub
 
+    # -- what a connection needs (``_connection.Host``)
+
     @property
-    def rest(self) -> RestApi:
-        return self._rest
+    def request_timeout(self) -> float:
+        return self.config.server.request_timeout
+
+    def client_key(self, peer_host: str, forwarded_for: str | None) -> str:
+        return self.proxies.client_key(peer_host, forwarded_for)
+
+    def respond(self, request: HttpRequest) -> HttpResponse:
+        return self._rest.handle(request)
+
+    def cors_headers(self, origin: str | None) -> list[tuple[str, str]]:
+        return self._cors.headers(origin)
+
+    def admit(self, method: str, headers: Mapping[str, str], client: str) -> HttpResponse | Admission:
+        refusal = _upgrade.refusal(
+            method, headers, client, draining=self.draining, cors=self._cors, connections=self.connections
+        )
+        if refusal is not None:
+            return refusal
+        limits = self.config.limits  # an open WebSocket keeps the limits it began with
+
+        async def run(stream: Stream, early: bytes, remote: str) -> None:
+            await self._serve_websocket(WebSocket(stream, early, self._hub, limits, remote, self.tokens))
+
+        return Admission(self.connections.hold(client), run)
+
+    async def _serve_websocket(self, websocket: WebSocket) -> None:
+        self._websockets.add(websocket)
+        if self.draining:
+            websocket.close(CLOSE_GOING_AWAY, "server shutting down")
+        try:
+            await websocket.run()
+        finally:
+            self._websockets.discard(websocket)
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -109,7 +144,7 @@ class Server:
     def status(self) -> str:
         """One line for ``systemctl status``."""
         counts = f"{len(self._hub)} rooms, {self._hub.user_count} users"
-        return f"draining: {len(self._sessions)} WebSockets left, {counts}" if self.draining else counts
+        return f"draining: {len(self._websockets)} WebSockets left, {counts}" if self.draining else counts
 
     async def _listen(self) -> list[trio.SocketListener]:
         if self._inherited:
@@ -120,50 +155,7 @@ class Server:
         except OSError as exc:
             raise ConfigError("server.port", f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
-    def check_upgrade(self, headers: Mapping[str, str], client: str) -> HttpResponse | None:
-        """Why a WebSocket upgrade must be refused, as the HTTP response to refuse it with.
-
-        ``client`` is the per-address key the connection caps count under.
-        """
-        origin = headers.get("origin")
-        cors = self._cors.headers(origin)
-        if self.draining:
-            return error_response(503, "shutting-down", "the server is shutting down", cors)
-        if not self._cors.allows(origin):
-            return error_response(403, "origin-not-allowed", f"origin {origin!s:.200} may not connect", cors)
-        if "websocket" not in headers.get("upgrade", "").lower():
-            return error_response(400, "bad-upgrade", "only the websocket upgrade is served on /ws", cors)
-        if headers.get("sec-websocket-version") != "13":
-            return error_response(
-                426, "bad-upgrade", "Sec-WebSocket-Version must be 13", [("Sec-WebSocket-Version", "13"), *cors]
-            )
-        if not headers.get("sec-websocket-key"):
-            return error_response(400, "bad-upgrade", "Sec-WebSocket-Key is missing", cors)
-        refusal = self.connections.refusal(client)
-        if refusal is Refusal.ADDRESS:
-            log.info("%s: connection refused, %d open from this address", client, self.connections.count(client))
-            return error_response(
-                429,
-                "too-many-connections",
-                f"{self.connections.per_address_cap} connections from {client} are open already",
-                cors,
-            )
-        if refusal is Refusal.SERVER:
-            log.info("connection from %s refused, %d open in total", client, self.connections.total)
-            return error_response(503, "server-full", "the server has as many connections as it takes", cors)
-        return None
-
-    @contextmanager
-    def track(self, session: Session) -> Iterator[None]:
-        self._sessions.add(session)
-        if self.draining:
-            session.request_close(CLOSE_GOING_AWAY, "server shutting down")
-        try:
-            yield
-        finally:
-            self._sessions.discard(session)
-
-    def _opened(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> tuple[HttpConnection, str]:
+    def _opened(self, stream: Stream) -> tuple[HttpConnection, str]:
         """A connection just accepted, counted as open from now on, and its "host:port"."""
         transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
         try:
@@ -225,7 +217,7 @@ class Server:
         server_config = self.config.server
         tls = tls_context(server_config)
         async with open_room_store(self.config.storage.path) as store, trio.open_nursery() as rooms:
-            self._hub = RoomHub(self.config.rooms, rooms, store=store)
+            self._hub = RoomHub(self.config.rooms, rooms, store=store, ice=IceServers.from_config(self.config.ice))
             for saved in store.saved if store is not None else ():
                 self._hub.restore(saved.id, saved.name, saved.max_participants, saved.created_at)
             self._rest = self._rest_api()
@@ -255,13 +247,13 @@ class Server:
                     await listener.aclose()
                 log.info(
                     "shutting down: stopped accepting; closing %d WebSocket(s), finishing %d HTTP connection(s)",
-                    len(self._sessions),
-                    len(self._connections) - len(self._sessions),
+                    len(self._websockets),
+                    len(self._connections) - len(self._websockets),
                 )
                 for connection in list(self._connections):
                     connection.close_if_idle()
-                for session in list(self._sessions):
-                    session.request_close(CLOSE_GOING_AWAY, "server shutting down")
+                for websocket in list(self._websockets):
+                    websocket.close(CLOSE_GOING_AWAY, "server shutting down")
                 if not self._connections:
                     self._connections_gone.set()
                 with trio.move_on_after(server_config.shutdown_grace):
@@ -271,26 +263,6 @@ class Server:
                 connections.cancel_scope.cancel()
             rooms.cancel_scope.cancel()
         log.info("stopped")
-
-
-def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
-    """HTTPS/WSS on the one port when ``server.tls_cert`` and ``tls_key`` are set (PEM files).
-
-    Browsers allow getUserMedia only on secure origins, so a VM without a TLS-terminating
-    proxy in front needs this. Python's defaults (TLS 1.2 or newer, its cipher list) apply.
-    """
-    if not config.tls_cert:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.set_alpn_protocols(["http/1.1"])
-    try:
-        context.load_cert_chain(config.tls_cert, config.tls_key)
-    except OSError as exc:  # ssl.SSLError is one too
-        problem = exc.strerror or str(exc)
-        raise ConfigError(
-            "server.tls_cert", f"cannot load {config.tls_cert} with {config.tls_key}: {problem}"
-        ) from None
-    return context
 
 
 def _address(sock: trio.socket.SocketType) -> str:
