@@ -64,7 +64,7 @@ class RoomHandle(Protocol):
 
     async def leave(self, peer_id: str) -> None: ...
 
-    async def relay(self, sender_id: str, to: str, text: str, request_id: m.RequestId) -> None: ...
+    async def relay(self, sender_id: str, to: str, text: bytes, request_id: m.RequestId) -> None: ...
 
 
 @attrs.frozen
@@ -75,8 +75,8 @@ class LocalMember:
     username: str
     outbox: Outbox = attrs.field(repr=False)
 
-    def deliver(self, text: str) -> bool:
-        return self.outbox.push(text)
+    def deliver(self, frame: bytes) -> bool:
+        return self.outbox.push(frame)
 
 
 @attrs.frozen
@@ -97,7 +97,7 @@ class Relay:
     room: RoomHandle
     sender_id: str
     to: str
-    text: str
+    text: bytes
     request_id: m.RequestId
 
 
