@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from . import __version__, _logging, _systemd
+from . import __version__, _logging, _startup, _systemd
 from ._config import FLAGS, LOG_LEVELS, Config, ConfigError, resolve
 from ._server import Server
 
@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="PATH", help="TOML configuration file (default: built-in defaults)")
     parser.add_argument(
-        "--check-config", action="store_true", help="validate the configuration and exit: 0 valid, 2 invalid"
+        "--check-config",
+        action="store_true",
+        help="validate the configuration, load the TLS files, resolve the listen address, and exit: 0 valid, 2 invalid",
     )
     parser.add_argument("--host", help="listen address (overrides server.host and $HOST)")
     parser.add_argument("--port", type=int, help="listen port, 0 for any free port (overrides server.port and $PORT)")
@@ -74,12 +76,13 @@ async def _run(
 
                 async def serve(task_status: trio.TaskStatus[None]) -> None:
                     await server.serve(task_status=task_status)
-                    nursery.cancel_scope.cancel()  # drained: stop the heartbeat too
+                    nursery.cancel_scope.cancel()  # drained: stop the watchdog and status tasks too
 
                 await nursery.start(serve)
-                notifier.send("READY=1", f"STATUS={server.status()}")
-                watchdog = _systemd.watchdog_interval(environ, pid)
-                nursery.start_soon(_systemd.heartbeat, notifier, watchdog, server.status)
+                status = server.status()
+                notifier.send("READY=1", f"STATUS={status}")
+                nursery.start_soon(_systemd.watchdog, notifier, _systemd.watchdog_interval(environ, pid))
+                nursery.start_soon(_systemd.follow_status, notifier, server.status, status)
                 task_status.started(server)
                 async for signum in signals:
                     if signum == signal.SIGHUP:
@@ -116,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if value is not None:
             overrides[key] = value
     try:
-        config = resolve(args.config, os.environ, overrides)
+        # With the TLS files and the listen address: --check-config and a start fail alike.
+        config = resolve(args.config, os.environ, overrides, _startup.check)
     except ConfigError as exc:
         _fatal(f"configuration error: {exc}")
         return EXIT_CONFIG

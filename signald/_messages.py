@@ -96,13 +96,20 @@ class Ping:
 
 
 @attrs.frozen
+class GetIceServers:
+    """A member asks for fresh ``iceServers`` (its TURN credentials are about to expire)."""
+
+    request_id: RequestId = None
+
+
+@attrs.frozen
 class ProtocolError:
     code: str
     message: str
     request_id: RequestId = None
 
 
-ClientMessage = JoinRoom | LeaveRoom | Relay | Ping
+ClientMessage = JoinRoom | LeaveRoom | Relay | Ping | GetIceServers
 
 _RELAY_FIELDS = {"webrtc-offer": "sdp", "webrtc-answer": "sdp", "ice-candidate": "candidate"}
 
@@ -205,6 +212,8 @@ def _parse_object(obj: dict[str, Any], bounds: Bounds) -> ClientMessage | Protoc
         return LeaveRoom(request_id)
     if kind == "ping":
         return Ping(request_id)
+    if kind == "get-ice-servers":
+        return GetIceServers(request_id)
     return ProtocolError(UNKNOWN_TYPE, f"unknown message type {kind[:64]!r}", request_id)
 
 
@@ -278,15 +287,23 @@ def encode_joined_room(
     username: str,
     participants: list[tuple[str, str]],
     request_id: RequestId = None,
+    ice_servers: list[dict[str, Any]] | None = None,
 ) -> bytes:
-    body = {
+    """``ice_servers`` (the member's own, with TURN credentials) is included when given."""
+    body: dict[str, Any] = {
         "type": "joined-room",
         "roomId": room_id,
         "peerId": peer_id,
         "username": username,
         "participants": [{"peerId": p, "username": u} for p, u in participants],
     }
+    if ice_servers is not None:
+        body["iceServers"] = ice_servers
     return _dump(_with_request_id(body, request_id))
+
+
+def encode_ice_servers(ice_servers: list[dict[str, Any]], request_id: RequestId = None) -> bytes:
+    return _dump(_with_request_id({"type": "ice-servers", "iceServers": ice_servers}, request_id))
 
 
 def encode_membership(kind: str, room_id: str, peer_id: str, username: str) -> bytes:

@@ -13,7 +13,7 @@ events in the same order, and a member always learns of a peer (``joined-room`` 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 
@@ -54,8 +54,17 @@ class Room:
     def participant_count(self) -> int:
         return len(self.seats)
 
-    def join(self, member: Member, now: datetime, request_id: m.RequestId = None) -> bool:
-        """Seat ``member`` and tell everyone; False (and an error to the member) if full."""
+    def join(
+        self,
+        member: Member,
+        now: datetime,
+        request_id: m.RequestId = None,
+        ice_servers: list[dict[str, Any]] | None = None,
+    ) -> bool:
+        """Seat ``member`` and tell everyone; False (and an error to the member) if full.
+
+        ``ice_servers``, the member's own (see ``_turn``), goes into its ``joined-room``.
+        """
         if len(self.seats) >= self.max_participants:
             member.deliver(
                 m.encode_error(
@@ -67,7 +76,7 @@ class Room:
             return False
         others = [(seat.member.peer_id, seat.member.username) for seat in self.seats.values()]
         self.seats[member.peer_id] = Seat(member, now)
-        joined = m.encode_joined_room(self.id, member.peer_id, member.username, others, request_id)
+        joined = m.encode_joined_room(self.id, member.peer_id, member.username, others, request_id, ice_servers)
         self._deliver(member, joined)
         self._broadcast(
             m.encode_membership("user-joined", self.id, member.peer_id, member.username),
