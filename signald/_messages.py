@@ -24,6 +24,8 @@ PEER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_REQUEST_ID = 128
 #: A join token (a JWT) longer than this is not one an application server minted.
 MAX_TOKEN = 4096
+#: A resume token longer than this is not one signald issued (they are about 120 characters).
+MAX_RESUME_TOKEN = 256
 
 #: Error codes, as sent in ``error`` messages.
 INVALID_JSON = "invalid-json"
@@ -37,6 +39,7 @@ PEER_NOT_FOUND = "peer-not-found"
 RATE_LIMITED = "rate-limited"
 UNAUTHORIZED = "unauthorized"
 TOO_MANY_ROOMS = "too-many-rooms"
+RESUME_FAILED = "resume-failed"
 
 RequestId = str | int | None
 
@@ -87,6 +90,15 @@ class Relay:
 
 
 @attrs.frozen
+class Resume:
+    """Take a suspended session back on this connection (``joined-room.resumeToken``)."""
+
+    #: A secret: never logged.
+    token: str = attrs.field(repr=False)
+    request_id: RequestId = None
+
+
+@attrs.frozen
 class Ping:
     request_id: RequestId = None
 
@@ -98,7 +110,7 @@ class ProtocolError:
     request_id: RequestId = None
 
 
-ClientMessage = JoinRoom | LeaveRoom | Relay | Ping
+ClientMessage = JoinRoom | LeaveRoom | Relay | Resume | Ping
 
 _RELAY_FIELDS = {"webrtc-offer": "sdp", "webrtc-answer": "sdp", "ice-candidate": "candidate"}
 
@@ -199,6 +211,11 @@ def _parse_object(obj: dict[str, Any], bounds: Bounds) -> ClientMessage | Protoc
         return JoinRoom(room_id, username, request_id, _token(obj))
     if kind == "leave-room":
         return LeaveRoom(request_id)
+    if kind == "resume":
+        token = _string(obj, "token", max_len=MAX_RESUME_TOKEN)
+        if not token:
+            raise _Invalid("'token' must not be empty")
+        return Resume(token, request_id)
     if kind == "ping":
         return Ping(request_id)
     return ProtocolError(UNKNOWN_TYPE, f"unknown message type {kind[:64]!r}", request_id)
@@ -268,19 +285,54 @@ def encode_error(code: str, message: str, request_id: RequestId = None) -> str:
     return _dump(_with_request_id({"type": "error", "code": code, "message": message}, request_id))
 
 
+def _seconds(value: float) -> float | int:
+    """``30`` rather than ``30.0``: whole seconds read as what the operator configured."""
+    return int(value) if value == int(value) else value
+
+
 def encode_joined_room(
     room_id: str,
     peer_id: str,
     username: str,
     participants: list[tuple[str, str]],
     request_id: RequestId = None,
+    resume_token: str | None = None,
+    resume_grace: float = 0,
 ) -> str:
-    body = {
+    """``resumeToken`` only when resume is on (``resume_grace`` > 0); ``resumeGrace`` always."""
+    body: dict[str, Any] = {
         "type": "joined-room",
         "roomId": room_id,
         "peerId": peer_id,
         "username": username,
         "participants": [{"peerId": p, "username": u} for p, u in participants],
+    }
+    if resume_token is not None:
+        body["resumeToken"] = resume_token
+    body["resumeGrace"] = _seconds(resume_grace)
+    return _dump(_with_request_id(body, request_id))
+
+
+def encode_resumed(
+    room_id: str,
+    peer_id: str,
+    username: str,
+    participants: list[tuple[str, str]],
+    missed: int,
+    resume_token: str,
+    resume_grace: float,
+    request_id: RequestId = None,
+) -> str:
+    """The reply to ``resume``; the ``missed`` frames it announces follow it, in order."""
+    body = {
+        "type": "resumed",
+        "roomId": room_id,
+        "peerId": peer_id,
+        "username": username,
+        "participants": [{"peerId": p, "username": u} for p, u in participants],
+        "missed": missed,
+        "resumeToken": resume_token,
+        "resumeGrace": _seconds(resume_grace),
     }
     return _dump(_with_request_id(body, request_id))
 

@@ -43,11 +43,15 @@ class Outbox:
         self._wakeup.set()
         return True
 
-    def close(self) -> None:
-        """Refuse further frames and drop queued ones; wakes the writer so it can finish."""
+    def close(self) -> list[str]:
+        """Refuse further frames and hand back the queued ones; wakes the writer so it can finish.
+
+        The frames returned were never taken by the writer: a resumed connection gets them.
+        """
         self.closed = True
-        self._frames.clear()
+        queued, self._frames = self._frames, []
         self._wakeup.set()
+        return queued
 
     async def take(self) -> list[str]:
         """Every queued frame, in order, waiting for one if needed; ``[]`` once closed.

@@ -15,6 +15,13 @@ the client sees them in the order the server decided them.
 
 The reader charges every frame to the connection's :class:`MessageRate` before looking at it,
 so a flood is refused at the cost of a clock read, without parsing a single dropped frame.
+
+How a connection ends decides what happens to its member. Lost without a goodbye (TCP reset or
+silence, a ping timeout, a close frame with any code but 1000, 1001 or none), the member is
+*suspended*: it keeps its seat for ``rooms.resume_grace`` and may ``resume`` on a new
+connection. Ended on purpose (``leave-room``, the client's close with 1000/1001, or the server
+closing it: drain, eviction, rate, oversize), the member leaves at once. Frames the outbox still
+held, never written, go to the room with the suspension, so the resumed connection gets them.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from . import _messages as m
 from ._auth import JoinTokens
 from ._config import LimitsConfig
-from ._hub import RoomHub, RoomTask
+from ._hub import ResumeFailed, RoomHub, RoomTask
 from ._ids import new_peer_id
 from ._limits import MessageRate, Verdict
 from ._outbox import Outbox
@@ -40,18 +47,25 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
+CLOSE_RESUMED_ELSEWHERE = 4001
+#: Close codes a client sends when it means to go: its member leaves at once. 1005 is a close
+#: frame without a code (``ws.close()`` in a browser).
+CLIENT_GOODBYES = (1000, 1001, 1005)
 
 
 @attrs.frozen
 class Peer:
-    """This process's kind of room member: its frames go to a local outbox."""
+    """This process's kind of room member: its frames go to its session's outbox."""
 
     peer_id: str
     username: str
-    outbox: Outbox
+    session: Session
 
     def deliver(self, text: str) -> bool:
-        return self.outbox.push(text)
+        return self.session.outbox.push(text)
+
+    def superseded(self) -> list[str]:
+        return self.session.superseded()
 
 
 class Session:
@@ -85,12 +99,39 @@ class Session:
         self._closed = trio.Event()
         self._close_code = 1000
         self._close_reason = ""
+        #: Whether the member, if any, keeps its seat when the connection ends (see module doc).
+        self._keep_seat = True
+        #: The batch the writer is writing, and how many of its frames it has begun to write.
+        self._batch: list[str] = []
+        self._begun = 0
+        #: Frames never written, set aside when the close began: the room keeps them with the seat.
+        self._unsent: list[str] = []
 
-    def request_close(self, code: int, reason: str) -> None:
-        """Ask for the connection to be closed; the first request's code wins."""
+    def request_close(self, code: int, reason: str, *, keep_seat: bool = False) -> None:
+        """Ask for the connection to be closed; the first request's code wins.
+
+        The member leaves its room unless ``keep_seat`` (a connection that went silent).
+        """
         if not self._close_requested.is_set():
             self._close_code, self._close_reason = code, reason
+            self._keep_seat = keep_seat
             self._close_requested.set()
+
+    def superseded(self) -> list[str]:
+        """The room gave this session's seat to a connection that resumed it: close this one.
+
+        Returns the frames queued here and never written; the new connection gets them.
+        """
+        log.info("%s: session resumed on another connection; closing this one", self.remote)
+        self._peer = self._room = None
+        self.request_close(CLOSE_RESUMED_ELSEWHERE, "resumed elsewhere")
+        return self._close_outbox()
+
+    def _close_outbox(self) -> list[str]:
+        """Stop writing; return every frame not yet handed to the socket, oldest first, once."""
+        unsent = [*self._unsent, *self._batch[self._begun :], *self.outbox.close()]
+        self._unsent, self._batch, self._begun = [], [], 0
+        return unsent
 
     def _evict(self) -> None:
         log.warning("%s: evicted, more than %d bytes unsent", self.remote, self._limits.send_queue_bytes)
@@ -109,10 +150,13 @@ class Session:
                     await self._closed.wait()  # let the closer finish its (bounded) handshake
                 nursery.cancel_scope.cancel()
         finally:
-            self.outbox.close()
+            unsent = self._close_outbox()
             if self._room is not None and self._peer is not None:
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + self._limits.close_timeout):
-                    await self._room.leave(self._peer.peer_id)
+                    if self._keep_seat:
+                        await self._room.suspend(self._peer, unsent, self._limits.send_queue_bytes)
+                    else:
+                        await self._room.leave(self._peer)
             log.info("%s: disconnected", self.remote)
 
     async def _reader(self) -> None:
@@ -120,7 +164,9 @@ class Session:
         while True:
             try:
                 frame = await self._ws.get_message()
-            except ConnectionClosed:
+            except ConnectionClosed as closed:
+                if not self._close_requested.is_set() and closed.reason.code in CLIENT_GOODBYES:
+                    self._keep_seat = False
                 return
             verdict = self._rate.check(trio.current_time())
             if verdict is Verdict.CLOSE:
@@ -160,7 +206,9 @@ class Session:
                 else:
                     room, self._room = self._room, None
                     self._idle.deadline = trio.current_time() + self._limits.idle_timeout
-                    await room.leave(self._peer.peer_id)
+                    await room.leave(self._peer)
+            case m.Resume():
+                await self._resume(message)
             case m.Ping():
                 self.outbox.push(m.encode_pong(message.request_id))
             case m.ProtocolError():
@@ -178,7 +226,7 @@ class Session:
                 log.info("%s: join of room %s refused: %s", self.remote, message.room_id, problem)
                 self._reply_error(m.UNAUTHORIZED, problem, message.request_id)
                 return
-        peer = Peer(new_peer_id(), message.username, self.outbox)
+        peer = Peer(new_peer_id(), message.username, self)
         # Shielded: once the room has the join it will seat the peer, and a session cancelled
         # before hearing so would never send the matching leave, leaving a ghost member.
         room = None
@@ -188,17 +236,42 @@ class Session:
             self._peer, self._room = peer, room
             self._idle.deadline = math.inf
 
+    async def _resume(self, message: m.Resume) -> None:
+        if self._room is not None:
+            self._reply_error(
+                m.ALREADY_IN_ROOM, f"already in room {self._room.room.id}; send leave-room first", message.request_id
+            )
+            return
+        # Shielded like a join: a room that has handed the seat over must find its session here.
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + self._limits.close_timeout):
+            try:
+                self._room, member = await self._hub.resume(message.token, self._member, message.request_id)
+            except ResumeFailed as failed:
+                log.info("%s: resume refused: %s", self.remote, failed)
+                self._reply_error(m.RESUME_FAILED, str(failed), message.request_id)
+                return
+        assert isinstance(member, Peer)
+        self._peer = member
+        self._idle.deadline = math.inf
+
+    def _member(self, peer_id: str, username: str) -> Peer:
+        return Peer(peer_id, username, self)
+
     def _reply_error(self, code: str, text: str, request_id: m.RequestId = None) -> None:
         self.outbox.push(m.encode_error(code, text, request_id))
 
     async def _writer(self) -> None:
-        try:
-            while batch := await self.outbox.take():
-                for text in batch:
+        while batch := await self.outbox.take():
+            self._batch, self._begun = batch, 0
+            while self._begun < len(self._batch) and not self.outbox.closed:
+                text = self._batch[self._begun]
+                # Counted before the await: a frame is never both written here and handed on.
+                self._begun += 1
+                try:
                     await self._ws.send_message(text)
-                    self.outbox.written(len(text))
-        except ConnectionClosed:
-            pass
+                except ConnectionClosed:
+                    return
+                self.outbox.written(len(text))
 
     async def _pinger(self) -> None:
         while True:
@@ -210,7 +283,7 @@ class Session:
                     return
                 continue
             log.info("%s: no pong within %.1f s, dropping", self.remote, self._limits.ping_timeout)
-            self.request_close(CLOSE_GOING_AWAY, "ping timeout")
+            self.request_close(CLOSE_GOING_AWAY, "ping timeout", keep_seat=True)
             return
 
     async def _idler(self) -> None:
@@ -222,7 +295,7 @@ class Session:
 
     async def _closer(self) -> None:
         await self._close_requested.wait()
-        self.outbox.close()
+        self._unsent = self._close_outbox()
         with trio.move_on_after(self._limits.close_timeout):
             await self._ws.aclose(self._close_code, self._close_reason)
         self._closed.set()

@@ -53,3 +53,14 @@ async def test_close_wakes_a_waiting_taker() -> None:
         nursery.start_soon(box.take)
         await trio.testing.wait_all_tasks_blocked()
         box.close()
+
+
+async def test_close_hands_back_what_the_writer_never_took() -> None:
+    box = Outbox(100, lambda: None)
+    box.push("a")
+    assert await box.take() == ["a"]
+    box.push("b")
+    box.push("c")
+    assert box.close() == ["b", "c"]  # a resumed connection gets these
+    assert box.close() == [] and not box.push("d")
+    assert await box.take() == []

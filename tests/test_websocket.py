@@ -288,7 +288,9 @@ async def test_slow_reader_is_evicted_and_room_keeps_going(server_factory: Calla
 
 
 async def test_silent_peer_is_dropped_after_ping_timeout(server_factory: Callable[..., Any]) -> None:
-    server = await server_factory(limits={"ping_interval": 0.05, "ping_timeout": 0.2, "close_timeout": 0.2})
+    server = await server_factory(
+        limits={"ping_interval": 0.05, "ping_timeout": 0.2, "close_timeout": 0.2}, rooms={"resume_grace": 0}
+    )
     async with connect(server.port) as a:
         await a.join("r", "a")
         stream = await trio.open_tcp_stream("127.0.0.1", server.port)
