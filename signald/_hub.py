@@ -253,14 +253,16 @@ class RoomHub:
         nursery: trio.Nursery,
         clock: Callable[[], datetime] = utc_now,
         store: RoomStore | None = None,
+        retired_tokens: int = RETIRED_TOKENS,
     ) -> None:
         self.config = config
         self._nursery = nursery
         self._clock = clock
         self._store = store
         self._rooms: dict[str, RoomTask] = {}
-        #: Resume tokens that stopped working, oldest first, and why (bounded by RETIRED_TOKENS).
+        #: Resume tokens that stopped working, oldest first, and why; at most ``retired_tokens``.
         self._retired: dict[str, str] = {}
+        self._retired_cap = retired_tokens
 
     def __iter__(self) -> Iterator[Room]:
         return (task.room for task in self._rooms.values())
@@ -379,5 +381,5 @@ class RoomHub:
 
     def _retire(self, token: str, why: str) -> None:
         self._retired[token] = why
-        if len(self._retired) > RETIRED_TOKENS:
+        if len(self._retired) > self._retired_cap:
             del self._retired[next(iter(self._retired))]

@@ -9,7 +9,7 @@ import trio
 import trio.testing
 
 from signald._config import RoomsConfig
-from signald._hub import BATCH, RETIRED_TOKENS, ResumeFailed, RoomHub, RoomTask, _Leave
+from signald._hub import BATCH, ResumeFailed, RoomHub, RoomTask, _Leave
 
 from .test_room import FakeMember
 
@@ -272,10 +272,20 @@ async def test_no_grace_turns_resume_off() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_retired_tokens_are_remembered_within_a_bound() -> None:
+async def test_why_a_token_failed_is_remembered_within_a_bound() -> None:
     async with trio.open_nursery() as nursery:
-        hub = RoomHub(RoomsConfig(), nursery)
-        for n in range(RETIRED_TOKENS + 5):
-            hub._retire(f"t{n}", "why")
-        assert len(hub._retired) == RETIRED_TOKENS and "t0" not in hub._retired
+        hub = RoomHub(RoomsConfig(), nursery, retired_tokens=3)
+        tokens = []
+        for n in range(4):
+            member = FakeMember(f"m{n}", "M")
+            task = await hub.join("r", member)
+            assert task is not None
+            tokens.append(token_of(member))
+            await task.leave(member)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(ResumeFailed, match="unknown resume token"):
+            await hub.resume(tokens[0], FakeMember)  # forgotten: only the last three are remembered
+        for token in tokens[1:]:
+            with pytest.raises(ResumeFailed, match="the member left the room"):
+                await hub.resume(token, FakeMember)
         nursery.cancel_scope.cancel()
