@@ -98,7 +98,7 @@ def room_json(room: Room, *, with_participants: bool = False) -> dict[str, Any]:
 
 class RestApi:
     """Routes: GET /health, GET/POST /api/rooms, GET /api/rooms/<id>, GET /api/ice-servers,
-    the demo's files when ``demo.enabled``, plus CORS preflight."""
+    the demo's files when ``demo.enabled``, plus CORS preflight. (``/ws`` is ``_upgrade``'s.)"""
 
     def __init__(
         self,
@@ -129,8 +129,6 @@ class RestApi:
         if path.startswith("/api/rooms/"):
             room_id = path.removeprefix("/api/rooms/")
             return ("GET",), lambda request: self._room(room_id)
-        if path == "/ws":
-            return ("GET",), self._ws_without_upgrade
         if path == "/api/ice-servers":
             return ("GET",), lambda request: json_response(200, self._ice_servers)
         asset = self._assets.get(path)
@@ -232,8 +230,3 @@ class RestApi:
         if room is None:
             return error_response(404, "room-not-found", f"room {room_id[:64]} does not exist")
         return json_response(200, room_json(room, with_participants=True))
-
-    def _ws_without_upgrade(self, request: HttpRequest) -> HttpResponse:
-        return error_response(
-            426, "upgrade-required", "/ws speaks WebSocket only", [("Upgrade", "websocket"), ("Connection", "Upgrade")]
-        )
