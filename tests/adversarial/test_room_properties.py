@@ -3,10 +3,10 @@ against pure rooms.
 
 Hypothesis drives several :class:`~signald._room.Room` objects the way sessions do (one room per
 client at a time, a fresh peer id per join, relays routed through the room the client last
-joined; a connection may be lost, its member suspended, and resumed on a new connection with its
-current token or a stale one, while the clock runs past graces) with members that may run out of
-queue space and get evicted. Every frame delivered is checked at the moment of delivery, and the
-rooms' state after every step:
+joined; a connection may be lost with frames still unwritten, its member suspended, and resumed
+on a new connection with its current token or a stale one, while the clock runs past graces)
+with members that may run out of queue space and get evicted. Every frame delivered is checked
+at the moment of delivery, and the rooms' state after every step:
 
 * membership is consistent: each seated member's picture of its room, built only from the
   frames it received across all its connections (plus, while suspended, the frames kept for
@@ -175,13 +175,18 @@ class RoomMachine(RuleBasedStateMachine):
         assert slot.probe.peer_id not in slot.room.seats
         assert self.retired[slot.token]
 
-    @rule(client=st.integers(0, CLIENTS - 1), max_bytes=st.sampled_from([300, 100_000]))
-    def lose_connection(self, client: int, max_bytes: int) -> None:
+    @rule(client=st.integers(0, CLIENTS - 1), max_bytes=st.sampled_from([300, 100_000]), unwritten=st.integers(0, 2))
+    def lose_connection(self, client: int, max_bytes: int, unwritten: int) -> None:
+        """The connection is lost; its last ``unwritten`` frames were still queued, never sent."""
         slot = self._seated(client)
         if slot is None or slot.lost:
             return
+        probe = slot.probe
+        cut = max(len(probe.frames) - unwritten, 1)  # joined-room (or resumed) was surely written
+        unsent = [json.dumps(frame) for frame in probe.frames[cut:]]
+        del probe.frames[cut:]
         self.acting = (slot.room, slot.probe)
-        slot.room.suspend(slot.probe, self.now, [], max_bytes)
+        slot.room.suspend(slot.probe, self.now, unsent, max_bytes)
         self.acting = None
         slot.lost = True
         assert slot.probe.peer_id in slot.room.suspended
