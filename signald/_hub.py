@@ -28,7 +28,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import attrs
 import trio
@@ -37,6 +37,7 @@ from . import _messages as m
 from ._config import RoomsConfig
 from ._ids import new_resume_token, new_room_id, resume_token_seat, utc_now
 from ._room import Member, Room
+from ._turn import IceServers
 
 log = logging.getLogger("signald.rooms")
 
@@ -50,6 +51,7 @@ CHANNEL_SIZE = 1024
 class _Join:
     member: Member
     request_id: m.RequestId
+    ice_servers: list[dict[str, Any]] | None
     done: trio.Event = attrs.field(factory=trio.Event)
     joined: bool = False
 
@@ -72,6 +74,7 @@ class _Resume:
     token: str = attrs.field(repr=False)
     connect: Callable[[str, str], Member]
     request_id: m.RequestId
+    ice_servers: list[dict[str, Any]] | None
     done: trio.Event = attrs.field(factory=trio.Event)
     member: Member | None = None
 
@@ -112,9 +115,9 @@ class RoomTask:
         self._clock = clock
         self._send, self._receive = trio.open_memory_channel[_Command](CHANNEL_SIZE)
 
-    async def join(self, member: Member, request_id: m.RequestId) -> bool:
+    async def join(self, member: Member, request_id: m.RequestId, ice_servers: list[dict[str, Any]] | None) -> bool:
         """Raises ``trio.BrokenResourceError`` if this room has just ended."""
-        command = _Join(member, request_id)
+        command = _Join(member, request_id, ice_servers)
         await self._send.send(command)
         await command.done.wait()
         return command.joined
@@ -129,10 +132,15 @@ class RoomTask:
             await self._send.send(_Suspend(member, unsent, max_bytes))
 
     async def resume(
-        self, peer_id: str, token: str, connect: Callable[[str, str], Member], request_id: m.RequestId
+        self,
+        peer_id: str,
+        token: str,
+        connect: Callable[[str, str], Member],
+        request_id: m.RequestId,
+        ice_servers: list[dict[str, Any]] | None,
     ) -> Member | None:
         """Raises ``trio.BrokenResourceError`` if this room has just ended."""
-        command = _Resume(peer_id, token, connect, request_id)
+        command = _Resume(peer_id, token, connect, request_id, ice_servers)
         await self._send.send(command)
         await command.done.wait()
         return command.member
@@ -160,7 +168,9 @@ class RoomTask:
         elif isinstance(command, _Join):
             peer_id = command.member.peer_id
             token = new_resume_token(room.id, peer_id) if room.resume_grace > 0 else None
-            command.joined = room.join(command.member, self._clock(), command.request_id, token)
+            command.joined = room.join(
+                command.member, self._clock(), command.request_id, command.ice_servers, resume_token=token
+            )
             command.done.set()
             if command.joined:
                 log.info(
@@ -172,7 +182,9 @@ class RoomTask:
                 )
         elif isinstance(command, _Resume):
             token = new_resume_token(room.id, command.peer_id)
-            command.member = room.resume(command.peer_id, command.token, command.connect, token, command.request_id)
+            command.member = room.resume(
+                command.peer_id, command.token, command.connect, token, command.request_id, command.ice_servers
+            )
             command.done.set()
             if command.member is not None:
                 log.info("room %s: %s resumed on a new connection", room.id, command.peer_id)
@@ -254,9 +266,12 @@ class RoomHub:
         nursery: trio.Nursery,
         clock: Callable[[], datetime] = utc_now,
         store: RoomStore | None = None,
+        ice: IceServers | None = None,
         retired_tokens: int = RETIRED_TOKENS,
     ) -> None:
         self.config = config
+        #: The ICE servers members get (with TURN credentials of their own when configured).
+        self.ice = ice or IceServers()
         self._nursery = nursery
         self._clock = clock
         self._store = store
@@ -340,6 +355,8 @@ class RoomHub:
         Returns the room task to send later commands to, or None when the join was refused
         (the member has been sent the error).
         """
+        # Minted here, in the joiner's task, so the room task spends no time on HMACs.
+        ice_servers = self.ice.for_member(member.peer_id) if self.ice.mints else None
         while True:
             task = self._rooms.get(room_id)
             if task is None:
@@ -352,7 +369,7 @@ class RoomHub:
                     return None
                 task = self._start(room_id, room_id, self.config.max_participants, "join")
             try:
-                joined = await task.join(member, request_id)
+                joined = await task.join(member, request_id, ice_servers)
             except trio.BrokenResourceError:
                 continue  # that room just ended; look again (a new one may be created)
             return task if joined else None
@@ -372,8 +389,10 @@ class RoomHub:
         task = self._rooms.get(seat[0]) if seat is not None else None
         if seat is None or task is None:
             raise ResumeFailed(self._retired.get(token, TOKEN_UNKNOWN))
+        # Minted here, as for a join: a resumed member gets fresh TURN credentials of its own.
+        ice_servers = self.ice.for_member(seat[1]) if self.ice.mints else None
         try:
-            member = await task.resume(seat[1], token, connect, request_id)
+            member = await task.resume(seat[1], token, connect, request_id, ice_servers)
         except trio.BrokenResourceError:
             member = None  # the room ended meanwhile, and its members with it
         if member is None:

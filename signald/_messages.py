@@ -104,13 +104,20 @@ class Ping:
 
 
 @attrs.frozen
+class GetIceServers:
+    """A member asks for fresh ``iceServers`` (its TURN credentials are about to expire)."""
+
+    request_id: RequestId = None
+
+
+@attrs.frozen
 class ProtocolError:
     code: str
     message: str
     request_id: RequestId = None
 
 
-ClientMessage = JoinRoom | LeaveRoom | Relay | Resume | Ping
+ClientMessage = JoinRoom | LeaveRoom | Relay | Resume | Ping | GetIceServers
 
 _RELAY_FIELDS = {"webrtc-offer": "sdp", "webrtc-answer": "sdp", "ice-candidate": "candidate"}
 
@@ -218,6 +225,8 @@ def _parse_object(obj: dict[str, Any], bounds: Bounds) -> ClientMessage | Protoc
         return Resume(token, request_id)
     if kind == "ping":
         return Ping(request_id)
+    if kind == "get-ice-servers":
+        return GetIceServers(request_id)
     return ProtocolError(UNKNOWN_TYPE, f"unknown message type {kind[:64]!r}", request_id)
 
 
@@ -296,10 +305,12 @@ def encode_joined_room(
     username: str,
     participants: list[tuple[str, str]],
     request_id: RequestId = None,
+    ice_servers: list[dict[str, Any]] | None = None,
     resume_token: str | None = None,
     resume_grace: float = 0,
 ) -> str:
-    """``resumeToken`` only when resume is on (``resume_grace`` > 0); ``resumeGrace`` always."""
+    """``ice_servers`` (the member's own, with TURN credentials) is included when given;
+    ``resumeToken`` only when resume is on (``resume_grace`` > 0); ``resumeGrace`` always."""
     body: dict[str, Any] = {
         "type": "joined-room",
         "roomId": room_id,
@@ -307,6 +318,8 @@ def encode_joined_room(
         "username": username,
         "participants": [{"peerId": p, "username": u} for p, u in participants],
     }
+    if ice_servers is not None:
+        body["iceServers"] = ice_servers
     if resume_token is not None:
         body["resumeToken"] = resume_token
     body["resumeGrace"] = _seconds(resume_grace)
@@ -322,9 +335,12 @@ def encode_resumed(
     resume_token: str,
     resume_grace: float,
     request_id: RequestId = None,
+    ice_servers: list[dict[str, Any]] | None = None,
 ) -> str:
-    """The reply to ``resume``; the ``missed`` frames it announces follow it, in order."""
-    body = {
+    """The reply to ``resume``; the ``missed`` frames it announces follow it, in order.
+
+    ``ice_servers`` as in ``joined-room``: fresh TURN credentials for the resumed member."""
+    body: dict[str, Any] = {
         "type": "resumed",
         "roomId": room_id,
         "peerId": peer_id,
@@ -334,7 +350,13 @@ def encode_resumed(
         "resumeToken": resume_token,
         "resumeGrace": _seconds(resume_grace),
     }
+    if ice_servers is not None:
+        body["iceServers"] = ice_servers
     return _dump(_with_request_id(body, request_id))
+
+
+def encode_ice_servers(ice_servers: list[dict[str, Any]], request_id: RequestId = None) -> str:
+    return _dump(_with_request_id({"type": "ice-servers", "iceServers": ice_servers}, request_id))
 
 
 def encode_membership(kind: str, room_id: str, peer_id: str, username: str) -> str:

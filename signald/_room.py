@@ -30,7 +30,7 @@ import hmac
 import math
 from collections.abc import Callable
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 
@@ -131,9 +131,14 @@ class Room:
         member: Member,
         now: datetime,
         request_id: m.RequestId = None,
+        ice_servers: list[dict[str, Any]] | None = None,
         resume_token: str | None = None,
     ) -> bool:
-        """Seat ``member`` and tell everyone; False (and an error to the member) if full."""
+        """Seat ``member`` and tell everyone; False (and an error to the member) if full.
+
+        ``ice_servers``, the member's own (see ``_turn``), goes into its ``joined-room``, and so
+        does ``resume_token``, the member's secret for resuming after a lost connection.
+        """
         if len(self.seats) >= self.max_participants:
             member.deliver(
                 m.encode_error(
@@ -147,7 +152,7 @@ class Room:
         self.seats[member.peer_id] = seat
         others = self._others(member.peer_id)
         joined = m.encode_joined_room(
-            self.id, member.peer_id, member.username, others, request_id, resume_token, self.resume_grace
+            self.id, member.peer_id, member.username, others, request_id, ice_servers, resume_token, self.resume_grace
         )
         self._deliver(seat, joined)
         self._broadcast(
@@ -194,6 +199,7 @@ class Room:
         connect: Callable[[str, str], Member],
         new_token: str,
         request_id: m.RequestId = None,
+        ice_servers: list[dict[str, Any]] | None = None,
     ) -> Member | None:
         """Hand ``peer_id``'s seat to a new connection, if ``token`` is its current secret.
 
@@ -217,8 +223,9 @@ class Room:
         member = connect(peer_id, username)
         seat.member, seat.kept, seat.resume_token = member, None, new_token
         self.token_retired(token, TOKEN_USED)
+        others = self._others(peer_id)
         resumed = m.encode_resumed(
-            self.id, peer_id, username, self._others(peer_id), len(missed), new_token, self.resume_grace, request_id
+            self.id, peer_id, username, others, len(missed), new_token, self.resume_grace, request_id, ice_servers
         )
         self._deliver(seat, resumed)
         for text in missed:

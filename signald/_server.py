@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import ssl
 from collections.abc import Mapping, Sequence
 
 import trio
@@ -21,14 +20,16 @@ import trio
 from . import _upgrade
 from ._addresses import TrustedProxies
 from ._auth import JoinTokens
-from ._config import Config, ConfigError, ServerConfig, reloaded
+from ._config import Config, ConfigError, reloaded
 from ._connection import Admission, HttpConnection, Stream
 from ._cors import CorsPolicy
 from ._hub import RoomHub
 from ._limits import BucketsByKey, ConnectionCounter
 from ._rest import HttpRequest, HttpResponse, RestApi
+from ._startup import tls_context
 from ._store import open_room_store
 from ._transport import WebSocket
+from ._turn import IceServers
 from ._websocket import CLOSE_GOING_AWAY
 
 log = logging.getLogger("signald")
@@ -151,7 +152,7 @@ class Server:
         server_config = self.config.server
         tls = tls_context(server_config)
         async with open_room_store(self.config.storage.path) as store, trio.open_nursery() as rooms:
-            self._hub = RoomHub(self.config.rooms, rooms, store=store)
+            self._hub = RoomHub(self.config.rooms, rooms, store=store, ice=IceServers.from_config(self.config.ice))
             for saved in store.saved if store is not None else ():
                 self._hub.restore(saved.id, saved.name, saved.max_participants, saved.created_at)
             self._rest = self._rest_api()
@@ -182,26 +183,6 @@ class Server:
                 connections.cancel_scope.cancel()
             rooms.cancel_scope.cancel()
         log.info("stopped")
-
-
-def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
-    """HTTPS/WSS on the one port when ``server.tls_cert`` and ``tls_key`` are set (PEM files).
-
-    Browsers allow getUserMedia only on secure origins, so a VM without a TLS-terminating
-    proxy in front needs this. Python's defaults (TLS 1.2 or newer, its cipher list) apply.
-    """
-    if not config.tls_cert:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.set_alpn_protocols(["http/1.1"])
-    try:
-        context.load_cert_chain(config.tls_cert, config.tls_key)
-    except OSError as exc:  # ssl.SSLError is one too
-        problem = exc.strerror or str(exc)
-        raise ConfigError(
-            "server.tls_cert", f"cannot load {config.tls_cert} with {config.tls_key}: {problem}"
-        ) from None
-    return context
 
 
 def _address(sock: trio.socket.SocketType) -> str:

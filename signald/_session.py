@@ -64,6 +64,7 @@ from ._ids import new_peer_id, resume_token_seat
 from ._limits import MessageRate, Verdict
 from ._outbox import Close, Outbox, Ping
 from ._room import Member
+from ._turn import IceServers
 from ._websocket import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY
 
 log = logging.getLogger("signald.session")
@@ -160,9 +161,11 @@ class Session:
         remote: str = "",
         tokens: JoinTokens | None = None,
         new_id: Callable[[], str] = new_peer_id,
+        ice: IceServers | None = None,
         on_superseded: Callable[[], list[str]] = list,
     ) -> None:
         self._limits = limits
+        self._ice = ice or IceServers()
         self.outbox = outbox
         self.remote = remote
         self._tokens = tokens
@@ -268,6 +271,12 @@ class Session:
                 self.commands.append(Resume(message.token, message.request_id))
             case m.Ping():
                 self.outbox.push(m.encode_pong(message.request_id))
+            case m.GetIceServers():
+                if self._room is None or self._member is None:
+                    self._reply_error(m.NOT_IN_ROOM, "join a room before asking for ICE servers", message.request_id)
+                else:
+                    ice_servers = self._ice.for_member(self._member.peer_id)
+                    self.outbox.push(m.encode_ice_servers(ice_servers, message.request_id))
             case m.ProtocolError():
                 self._reply_error(message.code, message.message, message.request_id)
 

@@ -85,7 +85,9 @@ class WebSocket:
         self._limits = limits
         self._codec = Codec(limits.max_message_bytes)
         self.outbox = Outbox(limits.send_queue_bytes, self._overflowed)
-        self.session = Session(limits, self.outbox, trio.current_time(), remote, tokens, on_superseded=self._superseded)
+        self.session = Session(
+            limits, self.outbox, trio.current_time(), remote, tokens, ice=hub.ice, on_superseded=self._superseded
+        )
         self.remote = remote
         #: The reader's current cancel scope: cancelled to make it look at the session now.
         self._scope: trio.CancelScope | None = None

@@ -245,9 +245,9 @@ def test_encoded_shapes() -> None:
         "resumeGrace": 0,
         "requestId": 1,
     }
-    joined = json.loads(m.encode_joined_room("r", "p", "u", [], None, "r.p.secret", 30.0))
+    joined = json.loads(m.encode_joined_room("r", "p", "u", [], None, None, "r.p.secret", 30.0))
     assert (joined["resumeToken"], joined["resumeGrace"]) == ("r.p.secret", 30)
-    assert json.loads(m.encode_joined_room("r", "p", "u", [], None, "r.p.secret", 2.5))["resumeGrace"] == 2.5
+    assert json.loads(m.encode_joined_room("r", "p", "u", [], None, None, "r.p.secret", 2.5))["resumeGrace"] == 2.5
     assert json.loads(m.encode_resumed("r", "p", "u", [("a", "A")], 3, "r.p.new", 30.0, "q")) == {
         "type": "resumed",
         "roomId": "r",

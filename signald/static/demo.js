@@ -9,8 +9,9 @@
 //     offers never collide and no "perfect negotiation" is needed;
 //   * trickle ICE: every candidate is sent as its own `ice-candidate` message as soon as the
 //     browser finds it, and `candidate: null` says there are no more;
-//   * STUN/TURN servers come from the server's configuration (GET /api/ice-servers), so an
-//     operator adds TURN in signald.toml without touching this page.
+//   * STUN/TURN servers come from the server's configuration (GET /api/ice-servers, then the
+//     member's own TURN credentials in joined-room when ice.turn_secret is set), so an operator
+//     adds TURN in signald.toml without touching this page.
 //
 // Incoming messages are handled strictly one at a time (see `inbox`): an ICE candidate must
 // never be applied while the offer or answer before it is still being set.
@@ -238,6 +239,7 @@ async function handle(msg) {
       // We are the newcomer: everyone listed will call us, so we only prepare their tiles.
       myPeerId = msg.peerId;
       ({ resumeToken, resumeGrace } = msg);
+      if (msg.iceServers) iceServers = msg.iceServers;  // with TURN credentials of our own
       $('lobby').hidden = true;
       $('call').hidden = false;
       $('room-name').textContent = msg.roomId;
@@ -249,6 +251,7 @@ async function handle(msg) {
       // Back after a blip, with the same peer id. The `missed` messages that follow are
       // handled like any others, and bring our picture of the room up to date.
       ({ resumeToken, resumeGrace } = msg);
+      if (msg.iceServers) iceServers = msg.iceServers;  // fresh TURN credentials, as in joined-room
       reconnecting = null;
       for (const queued of outbox) send(queued);
       outbox = [];

@@ -58,9 +58,11 @@ class Probe:
     was_superseded: bool = False
 
     def deliver(self, text: str) -> bool:
+        if self.overflowed:
+            return False  # its queue is closed: nothing more reaches the client, until it is evicted
         frame = json.loads(text)
         self.world.check_delivery(self, frame)
-        if self.overflowed or len(self.frames) >= self.capacity:
+        if len(self.frames) >= self.capacity:
             self.overflowed = True
             return False
         self.frames.append(frame)
@@ -153,7 +155,7 @@ class RoomMachine(RuleBasedStateMachine):
         before = dict(room.seats)
         self.acting = (room, probe)
         token = self.new_token()
-        joined = room.join(probe, NOW, self.serial, token)
+        joined = room.join(probe, NOW, self.serial, resume_token=token)
         self.acting = None
         if len(before) >= room.max_participants:
             self.issued.remove(token)  # never handed out
@@ -317,7 +319,11 @@ class RoomMachine(RuleBasedStateMachine):
         assert self.acting is not None, "a frame delivered outside any room operation"
         room, actor = self.acting
         if frame["type"] == "error":
-            assert probe is actor, f"{frame['code']} sent to {probe.peer_id}, not to the one who asked"
+            if self.resuming:  # one kept for the resumer: it answered what its lost connection sent
+                seat = room.seats.get(probe.peer_id)
+                assert seat is not None and seat.member is probe, f"{frame['code']} handed to another"
+            else:
+                assert probe is actor, f"{frame['code']} sent to {probe.peer_id}, not to the one who asked"
             return
         seat = room.seats.get(probe.peer_id)
         assert seat is not None, f"{frame['type']} delivered to non-member {probe.peer_id}"
