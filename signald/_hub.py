@@ -64,7 +64,7 @@ class _Leave:
 @attrs.frozen
 class _Suspend:
     member: Member
-    unsent: list[str]
+    unsent: list[bytes]
     max_bytes: int
 
 
@@ -83,7 +83,7 @@ class _Resume:
 class _Relay:
     sender_id: str
     to: str
-    text: str
+    text: bytes
     request_id: m.RequestId
 
 
@@ -126,7 +126,7 @@ class RoomTask:
         with contextlib.suppress(trio.BrokenResourceError):  # room gone, so the member is too
             await self._send.send(_Leave(member))
 
-    async def suspend(self, member: Member, unsent: list[str], max_bytes: int) -> None:
+    async def suspend(self, member: Member, unsent: list[bytes], max_bytes: int) -> None:
         """``member``'s connection was lost; see :meth:`Room.suspend`."""
         with contextlib.suppress(trio.BrokenResourceError):
             await self._send.send(_Suspend(member, unsent, max_bytes))
@@ -145,7 +145,7 @@ class RoomTask:
         await command.done.wait()
         return command.member
 
-    async def relay(self, sender_id: str, to: str, text: str, request_id: m.RequestId) -> None:
+    async def relay(self, sender_id: str, to: str, text: bytes, request_id: m.RequestId) -> None:
         """Queue a relay; waits only when the channel is full (a flooding reader).
 
         ``send_nowait`` skips the scheduler round trip that ``send`` makes even when there

@@ -44,11 +44,11 @@ class Member(Protocol):
     @property
     def username(self) -> str: ...
 
-    def deliver(self, text: str) -> bool:
+    def deliver(self, frame: bytes) -> bool:
         """Queue one frame for this member; False means it cannot take more and must go."""
         ...
 
-    def superseded(self) -> list[str]:
+    def superseded(self) -> list[bytes]:
         """Another connection has resumed this member: this one gets nothing more and closes.
 
         Returns the frames queued for it and never written, which the new connection gets instead.
@@ -71,11 +71,11 @@ class Kept:
     until: float
     max_frames: int
     max_bytes: int
-    frames: list[str] = attrs.field(factory=list)
+    frames: list[bytes] = attrs.field(factory=list)
     size: int = 0
 
-    def add(self, text: str) -> bool:
-        """Keep one more frame (ASCII JSON, so ``len`` is bytes); False once over a bound."""
+    def add(self, text: bytes) -> bool:
+        """Keep one more frame; False once over a bound."""
         if len(self.frames) >= self.max_frames or self.size + len(text) > self.max_bytes:
             return False
         self.frames.append(text)
@@ -173,7 +173,7 @@ class Room:
             self._remove(member.peer_id, TOKEN_LEFT)
             self._settle()
 
-    def suspend(self, member: Member, now: float, unsent: list[str], max_bytes: int) -> None:
+    def suspend(self, member: Member, now: float, unsent: list[bytes], max_bytes: int) -> None:
         """``member``'s connection was lost: keep its seat, and its frames, for the grace period.
 
         ``unsent`` are the frames its connection had queued and never written; they are the
@@ -241,7 +241,7 @@ class Room:
         self._settle()
         return ended
 
-    def relay(self, sender_id: str, to: str, text: str, request_id: m.RequestId = None) -> None:
+    def relay(self, sender_id: str, to: str, text: bytes, request_id: m.RequestId = None) -> None:
         """Deliver a pre-encoded relay frame from ``sender_id`` to ``to``, if both are here.
 
         A suspended addressee is still here: the frame is kept for it.
@@ -267,12 +267,12 @@ class Room:
         assert kept is not None, "suspended members keep their frames"
         return kept
 
-    def _deliver(self, seat: Seat, text: str) -> None:
+    def _deliver(self, seat: Seat, text: bytes) -> None:
         delivered = seat.member.deliver(text) if seat.kept is None else seat.kept.add(text)
         if not delivered and seat.member.peer_id not in self._evicted:
             self._evicted.append(seat.member.peer_id)
 
-    def _broadcast(self, text: str, exclude: str | None = None) -> None:
+    def _broadcast(self, text: bytes, exclude: str | None = None) -> None:
         """One encoded frame, handed to every member: encoded once, not once per recipient."""
         for peer_id, seat in self.seats.items():
             if peer_id != exclude:

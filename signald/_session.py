@@ -81,9 +81,9 @@ class RoomHandle(Protocol):
 
     async def leave(self, member: Member) -> None: ...
 
-    async def suspend(self, member: Member, unsent: list[str], max_bytes: int) -> None: ...
+    async def suspend(self, member: Member, unsent: list[bytes], max_bytes: int) -> None: ...
 
-    async def relay(self, sender_id: str, to: str, text: str, request_id: m.RequestId) -> None: ...
+    async def relay(self, sender_id: str, to: str, text: bytes, request_id: m.RequestId) -> None: ...
 
 
 @attrs.frozen
@@ -94,12 +94,12 @@ class LocalMember:
     username: str
     outbox: Outbox = attrs.field(repr=False)
     #: The shell's way to tell the session it was superseded (see ``Session.superseded``).
-    on_superseded: Callable[[], list[str]] = attrs.field(repr=False, eq=False)
+    on_superseded: Callable[[], list[bytes]] = attrs.field(repr=False, eq=False)
 
-    def deliver(self, text: str) -> bool:
-        return self.outbox.push(text)
+    def deliver(self, frame: bytes) -> bool:
+        return self.outbox.push(frame)
 
-    def superseded(self) -> list[str]:
+    def superseded(self) -> list[bytes]:
         return self.on_superseded()
 
 
@@ -128,7 +128,7 @@ class Suspend:
     room: RoomHandle
     member: LocalMember
     #: Text frames queued for the lost connection and never written: the room keeps them.
-    unsent: list[str]
+    unsent: list[bytes]
     max_bytes: int
 
 
@@ -137,7 +137,7 @@ class Relay:
     room: RoomHandle
     sender_id: str
     to: str
-    text: str
+    text: bytes
     request_id: m.RequestId
 
 
@@ -162,7 +162,7 @@ class Session:
         tokens: JoinTokens | None = None,
         new_id: Callable[[], str] = new_peer_id,
         ice: IceServers | None = None,
-        on_superseded: Callable[[], list[str]] = list,
+        on_superseded: Callable[[], list[bytes]] = list,
     ) -> None:
         self._limits = limits
         self._ice = ice or IceServers()
@@ -345,7 +345,7 @@ class Session:
             self._reply_error(m.RESUME_FAILED, why, request_id)
             self._idle_at = now + self._limits.idle_timeout
 
-    def superseded(self, now: float) -> list[str]:
+    def superseded(self, now: float) -> list[bytes]:
         """Another connection resumed this session: close this one with 4001; the seat is not ours.
 
         Returns the text frames queued here and never written; the new connection gets them.

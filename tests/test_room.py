@@ -23,16 +23,16 @@ class FakeMember:
     capacity: int = 10_000
     frames: list[dict[str, Any]] = attrs.field(factory=list)
     #: Frames queued for this member's connection and not yet written (see ``superseded``).
-    unsent: list[str] = attrs.field(factory=list)
+    unsent: list[bytes] = attrs.field(factory=list)
     was_superseded: bool = False
 
-    def deliver(self, text: str) -> bool:
+    def deliver(self, text: bytes) -> bool:
         if self.was_superseded or len(self.frames) >= self.capacity:
             return False
         self.frames.append(json.loads(text))
         return True
 
-    def superseded(self) -> list[str]:
+    def superseded(self) -> list[bytes]:
         self.was_superseded = True
         unsent, self.unsent = self.unsent, []
         return unsent
@@ -208,8 +208,8 @@ def seated(r: Room, tokens: Tokens, *members: FakeMember) -> list[str]:
     return issued
 
 
-def offer(sender: str, n: int) -> str:
-    return json.dumps({"type": "webrtc-offer", "from": sender, "sdp": str(n)})
+def offer(sender: str, n: int) -> bytes:
+    return json.dumps({"type": "webrtc-offer", "from": sender, "sdp": str(n)}).encode()
 
 
 def test_joined_room_carries_the_token_and_the_grace() -> None:

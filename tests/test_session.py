@@ -64,7 +64,7 @@ class Harness:
     def frames(self) -> list[Item]:
         """Everything queued, with text frames parsed."""
         items, self.outbox._items = self.outbox._items, []
-        return [json.loads(item) if isinstance(item, str) else item for item in items]
+        return [json.loads(item) if isinstance(item, bytes) else item for item in items]
 
     def join(self, room_id: str = "r", now: float = 0.0) -> str:
         self.send(now, type="join-room", roomId=room_id, username="u")
@@ -87,7 +87,7 @@ def test_join_then_relay_then_leave_are_room_commands_in_order() -> None:
     h.send(type="webrtc-offer", to=PEER, sdp="v=0", requestId=8)
     h.send(type="leave-room")
     relay, leave = h.commands()
-    assert relay == Relay(ROOM, "peer0", PEER, '{"type":"webrtc-offer","from":"peer0","sdp":"v=0"}', 8)
+    assert relay == Relay(ROOM, "peer0", PEER, b'{"type":"webrtc-offer","from":"peer0","sdp":"v=0"}', 8)
     assert leave == Leave(ROOM, join.member)
     assert h.session.peer_id is None
     h.send(type="webrtc-offer", to=PEER, sdp="v=0", requestId=9)
@@ -99,7 +99,7 @@ def test_the_members_frames_go_to_the_outbox() -> None:
     h = Harness()
     h.send(type="join-room", roomId="r", username="u")
     (join,) = h.commands()
-    assert join.member.deliver('{"type":"joined-room"}')
+    assert join.member.deliver(b'{"type":"joined-room"}')
     assert h.frames() == [{"type": "joined-room"}]
 
 
@@ -215,8 +215,8 @@ def test_a_join_answered_after_the_session_closed_is_undone() -> None:
 def test_eviction_closes_with_1008_after_dropping_the_queue() -> None:
     h = Harness(max_message_bytes=1024, send_queue_bytes=1024)
     h.join()
-    assert h.outbox.push("x" * 1000)
-    assert not h.outbox.push("y" * 100)
+    assert h.outbox.push(b"x" * 1000)
+    assert not h.outbox.push(b"y" * 100)
     assert h.overflows == 1
     assert h.frames() == [Close(1008, "send queue overflow: client is not reading")]
     assert h.commands() == [Leave(ROOM, h.member)]  # its room dropped it already; this is harmless
@@ -243,12 +243,12 @@ def test_the_clients_goodbye_leaves_and_a_lost_socket_suspends() -> None:
     for end in ("close 4000", "close 1011", "socket_closed"):
         h = Harness()
         h.join()
-        assert h.outbox.push('{"type":"user-joined"}')  # queued, never written
+        assert h.outbox.push(b'{"type":"user-joined"}')  # queued, never written
         if end == "socket_closed":
             h.session.socket_closed(1.0)
         else:
             h.session.peer_closed(int(end.split()[1]), 1.0)
-        assert h.commands() == [Suspend(ROOM, h.member, ['{"type":"user-joined"}'], h.limits.send_queue_bytes)]
+        assert h.commands() == [Suspend(ROOM, h.member, [b'{"type":"user-joined"}'], h.limits.send_queue_bytes)]
         assert h.session.done and h.frames() == []
 
 
@@ -328,9 +328,9 @@ def test_a_resume_answered_after_the_connection_ended_ends_the_seat_the_same_way
 def test_superseded_closes_with_4001_hands_over_the_unwritten_and_leaves_the_seat_alone() -> None:
     h = Harness()
     h.join()
-    assert h.outbox.push('{"n":1}') and h.outbox.push('{"n":2}')
+    assert h.outbox.push(b'{"n":1}') and h.outbox.push(b'{"n":2}')
     unsent = h.session.superseded(2.0)
-    assert unsent == ['{"n":1}', '{"n":2}']
+    assert unsent == [b'{"n":1}', b'{"n":2}']
     assert h.commands() == []  # the seat belongs to the connection that resumed
     assert h.frames() == [Close(4001, "resumed elsewhere")]
     assert h.session.state is State.CLOSING and h.session.peer_id is None

@@ -57,7 +57,7 @@ class Probe:
     overflowed: bool = False
     was_superseded: bool = False
 
-    def deliver(self, text: str) -> bool:
+    def deliver(self, text: bytes) -> bool:
         if self.overflowed:
             return False  # its queue is closed: nothing more reaches the client, until it is evicted
         frame = json.loads(text)
@@ -68,11 +68,11 @@ class Probe:
         self.frames.append(frame)
         return True
 
-    def superseded(self) -> list[str]:
+    def superseded(self) -> list[bytes]:
         self.was_superseded = True
         return []
 
-    def view(self, kept: list[str] = ()) -> dict[str, str]:  # type: ignore[assignment]
+    def view(self, kept: list[bytes] = ()) -> dict[str, str]:  # type: ignore[assignment]
         """The room's other members, as this session learned of them from its frames."""
         return view_of([*self.earlier, *self.frames, *(json.loads(text) for text in kept)])
 
@@ -185,7 +185,7 @@ class RoomMachine(RuleBasedStateMachine):
             return
         probe = slot.probe
         cut = max(len(probe.frames) - unwritten, 1)  # joined-room (or resumed) was surely written
-        unsent = [json.dumps(frame) for frame in probe.frames[cut:]]
+        unsent = [json.dumps(frame).encode() for frame in probe.frames[cut:]]
         del probe.frames[cut:]
         self.acting = (slot.room, slot.probe)
         slot.room.suspend(slot.probe, self.now, unsent, max_bytes)
