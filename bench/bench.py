@@ -311,10 +311,12 @@ def _layer(frame: str) -> str:
         ("floor_tw.py", "floor"),
         ("trio_websocket/", "trio-websocket"),
         ("wsproto/", "wsproto"),
+        ("websockets/", "websockets"),
         ("h11/", "h11"),
         ("trio/", "trio (scheduler, sockets, channels)"),
         ("outcome", "trio (scheduler, sockets, channels)"),
         ("json/", "json"),
+        ("orjson", "json"),
     ):
         if marker in where:
             return layer
