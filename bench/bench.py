@@ -69,6 +69,7 @@ FIGURES: dict[str, list[tuple[str, str]]] = {
         ("msgs_per_s", "relayed msgs/s"),
         ("server_cpu_pct", "server CPU %"),
         ("gen_cpu_pct", "generator CPU %"),
+        ("gen_stall_ms", "generator's longest stall (ms)"),
     ],
     "latency": [
         ("p50_ms", "one-way p50 (ms)"),
@@ -77,6 +78,7 @@ FIGURES: dict[str, list[tuple[str, str]]] = {
         ("server_cpu_pct", "server CPU %"),
         ("gen_cpu_pct", "generator CPU %"),
         ("achieved_msgs_per_s", "relayed msgs/s achieved"),
+        ("gen_stall_ms", "generator's longest stall (ms)"),
     ],
     "memory": [("kib_per_conn", "server RSS per connection (KiB)")],
     "join-storm": [

@@ -240,6 +240,20 @@ async def join_all(rooms: list[str], concurrency: int, on_relay: Any = None) -> 
     return [c for c, _ in pairs], [t for _, t in pairs]
 
 
+async def longest_stall(seconds: float, tick: float = 0.01) -> float:
+    """Sleep ``seconds`` in ``tick`` steps; the longest any step overran, in ms.
+
+    A long stall means this process got no CPU (other tenants of a shared machine): frames
+    stayed unread, so the window's figures undercount what the server did.
+    """
+    loop = asyncio.get_running_loop()
+    worst, end = 0.0, loop.time() + seconds
+    while (now := loop.time()) < end:
+        await asyncio.sleep(tick)
+        worst = max(worst, loop.time() - now - tick)
+    return 1000 * worst
+
+
 class CpuMeter:
     """CPU seconds of the server process (from /proc) and of this process, over a window."""
 
@@ -309,13 +323,14 @@ async def throughput() -> dict[str, Any]:
     await asyncio.sleep(ARGS.warmup)
     print(WARM, flush=True)  # bench.py's profiler starts sampling here, whatever the joins took
     before, meter = received, CpuMeter(ARGS.server_pid)
-    await asyncio.sleep(ARGS.duration)
+    stall = await longest_stall(ARGS.duration)
     count, cpu = received - before, meter.stop()
     running = False
     close_all(clients)
     return {
         "msgs_per_s": count / cpu["wall_s"],
         "msgs_per_cpu_s": count / cpu["server_cpu_s"] if cpu["server_cpu_s"] else 0.0,
+        "gen_stall_ms": stall,
         **cpu,
     }
 
@@ -355,6 +370,7 @@ async def latency() -> dict[str, Any]:
         loop.call_later(0.001, tick)
 
     tick()
+    stall = asyncio.ensure_future(longest_stall(ARGS.warmup + ARGS.duration))
     cpu = await asyncio.wait_for(finished, ARGS.warmup + ARGS.duration + 10)
     recording = False
     await asyncio.sleep(0.2)  # let the last frames in flight arrive (they are not counted)
@@ -372,6 +388,7 @@ async def latency() -> dict[str, Any]:
         "p99_ms": pct(99),
         "p999_ms": pct(99.9),
         "achieved_msgs_per_s": len(samples) / cpu["wall_s"],
+        "gen_stall_ms": await stall,
         **cpu,
     }
 
