@@ -3,9 +3,11 @@
 It has to stay far cheaper per message than the server it measures, so it skips every
 library: the upgrade request and each client frame are built by hand (masked with a zero key,
 as RFC 6455 allows), frames from the server are split by a tiny parser, and a relayed
-candidate is recognised by its prefix without decoding its JSON. Each scenario prints one
-JSON object on stdout: its figures, plus the generator's and the server's CPU over the
-measured window, so a reader can see which of the two was the bottleneck.
+candidate is recognised by its prefix without decoding its JSON. It speaks signald's
+messages, or with ``--protocol peerjs`` PeerJS's. Each scenario prints one JSON object as the
+last line on stdout: its figures, plus the generator's and the server's CPU over the measured
+window (and in A and B the generator's longest stall), so a reader can see which of the two
+was the bottleneck.
 
 Only 127.0.0.1 is ever contacted; every phase is bounded in count and in time.
 
@@ -35,9 +37,9 @@ UPGRADE = (
     "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
 )
-#: How each protocol's relayed candidate starts, as its server sends it.
 #: The line scenario A prints on stdout once warmed up, before its window.
 WARM = "warm"
+#: How each protocol's relayed candidate starts, as its server sends it.
 RELAY_PREFIX = {"signald": b'{"type":"ice-candidate"', "peerjs": b'{"type":"CANDIDATE"'}
 #: Where the send timestamp sits in a candidate: ``ts`` and 20 digits of perf_counter_ns.
 TS_MARK = b" ts"
