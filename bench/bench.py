@@ -30,6 +30,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from loadgen import join_timeout  # bench/ is on sys.path: this file runs as a script
+
 from signald._cli import GC_THRESHOLD
 
 BENCH = Path(__file__).resolve().parent
@@ -191,7 +193,9 @@ def loadgen(prefix: list[str], target: str, server: Server, scenario: str, optio
     args = [*prefix, *generator_command(target, scenario, server)]
     for key, value in options.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
-    bound = options.get("warmup", 0) + options.get("duration", 0) + options.get("settle", 0) + SCENARIO_SLACK
+    clients = options.get("clients", 2 * options.get("pairs", 0))
+    bound = options.get("warmup", 0) + options.get("duration", 0) + options.get("settle", 0)
+    bound += join_timeout(clients) + SCENARIO_SLACK
     done = subprocess.run(args, capture_output=True, text=True, timeout=bound, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"loadgen {scenario} failed:\n{done.stderr[-2000:]}\nserver:\n{server.output()}")
@@ -203,11 +207,17 @@ def measure(scenario: str, options: dict[str, Any], runs: int, servers: list[str
     results: dict[str, list[dict[str, Any]]] = {target: [] for target in servers}
     for run in range(runs):
         for target in servers:  # take turns, so slow drift on a shared machine hits all alike
-            server = Server(target, server_prefix)
             try:
-                result = loadgen(gen_prefix, target, server, scenario, options)
-            finally:
-                server.stop()
+                server = Server(target, server_prefix)
+                try:
+                    result = loadgen(gen_prefix, target, server, scenario, options)
+                finally:
+                    server.stop()
+            except (RuntimeError, subprocess.TimeoutExpired) as error:
+                # One failed run (a join phase past its bound on a starved machine, say) costs
+                # that cell a run, not the whole report.
+                print(f"  {scenario} {target} run {run + 1} FAILED: {error}", file=sys.stderr)
+                continue
             results[target].append(result)
             print(f"  {scenario} {target} run {run + 1}: {json.dumps(_brief(result))}", file=sys.stderr)
     return results
@@ -217,7 +227,11 @@ def _brief(result: dict[str, Any]) -> dict[str, Any]:
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}
 
 
-def summary(values: list[float]) -> str:
+def summary(values: list[float], runs: int) -> str:
+    if not values:
+        return "failed"
+    if len(values) < runs:
+        return f"{summary(values, len(values))} ({runs - len(values)} failed)"
     med = statistics.median(values)
     digits = 2 if med < 10 else 1  # sub-millisecond latencies need the second decimal
     if len(values) == 1:
@@ -229,6 +243,8 @@ def ratio(results: dict[str, list[dict[str, Any]]], reference: str, key: str) ->
     """signald's median over ``reference``'s, or None when either did not run."""
     if "signald" not in results or reference not in results:
         return None
+    if not results["signald"] or not results[reference]:
+        return float("nan")  # every run failed
     ref = statistics.median(r[key] for r in results[reference])
     return statistics.median(r[key] for r in results["signald"]) / ref if ref else float("nan")
 
@@ -242,14 +258,17 @@ def header(servers: list[str]) -> list[str]:
     ]
 
 
-def table(name: str, scenario: str, results: dict[str, list[dict[str, Any]]]) -> list[str]:
+def table(name: str, scenario: str, results: dict[str, list[dict[str, Any]]], runs: int) -> list[str]:
     lines = []
     for key, label in FIGURES[scenario]:
-        cells = [summary([r[key] for r in runs]) for runs in results.values()]
+        cells = [summary([r[key] for r in server_runs], runs) for server_runs in results.values()]
         verdicts = []
         for reference in REFERENCES:
             value = ratio(results, reference, key)
             if value is None:
+                continue
+            if value != value:  # NaN: no ratio to judge
+                cells.append("-")
                 continue
             cells.append(f"{value:.2f}x")
             verdicts += [g.verdict(value) for g in GOALS[scenario] if g.figure == key and g.reference == reference]
@@ -462,10 +481,10 @@ def main() -> None:
         if name[0] not in args.only:
             continue
         print(f"{name} ...", file=sys.stderr)
-        report += table(name, scenario, measure(scenario, options, args.runs, servers))
+        report += table(name, scenario, measure(scenario, options, args.runs, servers), args.runs)
+        if args.out:  # what has been measured survives whatever happens next
+            args.out.write_text("\n".join(report) + "\n")
     report += noise(pressure, cpu_pressure())
-    if args.out:  # the figures survive whatever happens while profiling
-        args.out.write_text("\n".join(report) + "\n")
     if args.profile_seconds > 0 and "A" in args.only:
         print("profiling at saturation (A, 500 pairs) ...", file=sys.stderr)
         report += ["", "## Where the time goes at saturation (A, 500 pairs; py-spy, own time)", ""]
