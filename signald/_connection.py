@@ -269,7 +269,7 @@ class HttpConnection:
                 log.info("%s: WebSocket handshake timed out", self._remote)
                 nursery.cancel_scope.cancel()
                 return
-            session = Session(ws, self._server.hub, limits, self._remote, self._server.tokens)
+            session = Session(ws, self._server.hub, limits, self._remote, self._server.tokens, self._server.observer)
             with self._server.track(session):
                 await session.run()
             nursery.cancel_scope.cancel()

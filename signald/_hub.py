@@ -29,6 +29,7 @@ import trio
 from . import _messages as m
 from ._config import RoomsConfig
 from ._ids import new_room_id, utc_now
+from ._metrics import Observer
 from ._room import Member, Room
 from ._turn import IceServers
 
@@ -60,6 +61,8 @@ class _Relay:
     to: str
     text: str
     request_id: m.RequestId
+    #: ``trio.current_time()`` when the frame was read off the sender's socket (relay time).
+    received_at: float
 
 
 _Command = _Join | _Leave | _Relay
@@ -75,10 +78,11 @@ class TooManyRooms(Exception):
 class RoomTask:
     """A room, its channel, and the task that applies the channel's commands to it."""
 
-    def __init__(self, room: Room, idle_ttl: float, clock: Callable[[], datetime]) -> None:
+    def __init__(self, room: Room, idle_ttl: float, clock: Callable[[], datetime], observer: Observer) -> None:
         self.room = room
         self._idle_ttl = idle_ttl
         self._clock = clock
+        self._observer = observer
         self._send, self._receive = trio.open_memory_channel[_Command](CHANNEL_SIZE)
 
     async def join(self, member: Member, request_id: m.RequestId, ice_servers: list[dict[str, Any]] | None) -> bool:
@@ -92,13 +96,13 @@ class RoomTask:
         with contextlib.suppress(trio.BrokenResourceError):  # room gone, so the member is too
             await self._send.send(_Leave(peer_id))
 
-    async def relay(self, sender_id: str, to: str, text: str, request_id: m.RequestId) -> None:
+    async def relay(self, sender_id: str, to: str, text: str, request_id: m.RequestId, received_at: float) -> None:
         """Queue a relay; waits only when the channel is full (a flooding reader).
 
         ``send_nowait`` skips the scheduler round trip that ``send`` makes even when there
         is room, and the sender's next ``get_message`` is a checkpoint anyway.
         """
-        command = _Relay(sender_id, to, text, request_id)
+        command = _Relay(sender_id, to, text, request_id, received_at)
         try:
             self._send.send_nowait(command)
         except trio.WouldBlock:
@@ -109,12 +113,20 @@ class RoomTask:
 
     def _apply(self, command: _Command) -> None:
         room = self.room
+        observer = self._observer
+        present = len(room.seats)  # any command may end in members leaving: a relay by evicting them
         if isinstance(command, _Relay):
-            room.relay(command.sender_id, command.to, command.text, command.request_id)
+            error = room.relay(command.sender_id, command.to, command.text, command.request_id)
+            observer.delivered(command.received_at)
+            if error is not None:
+                observer.error_sent(error)
         elif isinstance(command, _Join):
             command.joined = room.join(command.member, self._clock(), command.request_id, command.ice_servers)
             command.done.set()
-            if command.joined:
+            if not command.joined:
+                observer.error_sent(m.ROOM_FULL)  # the one reason a room refuses a member
+            else:
+                present += 1
                 log.info(
                     "room %s: %s joined as %r (%d present)",
                     room.id,
@@ -125,6 +137,8 @@ class RoomTask:
         elif command.peer_id in room.seats:
             room.leave(command.peer_id)
             log.info("room %s: %s left (%d present)", room.id, command.peer_id, room.participant_count)
+        if len(room.seats) < present:
+            observer.left(present - len(room.seats))
 
     async def run(self, hub: RoomHub) -> None:
         idle_since = trio.current_time()
@@ -172,8 +186,10 @@ class RoomHub:
         clock: Callable[[], datetime] = utc_now,
         store: RoomStore | None = None,
         ice: IceServers | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.config = config
+        self._observer = observer or Observer()
         #: The ICE servers members get (with TURN credentials of their own when configured).
         self.ice = ice or IceServers()
         self._nursery = nursery
@@ -229,7 +245,7 @@ class RoomHub:
     ) -> RoomTask:
         persistent = how != "join"  # a join-created room vanishes with its last member
         room = Room(room_id, name, max_participants, created_at or self._clock(), persistent)
-        task = RoomTask(room, self.config.idle_ttl, self._clock)
+        task = RoomTask(room, self.config.idle_ttl, self._clock, self._observer)
         self._rooms[room_id] = task
         self._nursery.start_soon(task.run, self, name=f"room {room_id}")
         log.info("room %s: created (%s)", room_id, how)
@@ -247,21 +263,29 @@ class RoomHub:
         Returns the room task to send later commands to, or None when the join was refused
         (the member has been sent the error).
         """
+        started = trio.current_time()
         # Minted here, in the joiner's task, so the room task spends no time on HMACs.
         ice_servers = self.ice.for_member(member.peer_id) if self.ice.mints else None
         while True:
             task = self._rooms.get(room_id)
             if task is None:
                 if not self.config.auto_create:
-                    member.deliver(m.encode_error(m.ROOM_NOT_FOUND, f"room {room_id} does not exist", request_id))
-                    return None
+                    return self._refuse(member, m.ROOM_NOT_FOUND, f"room {room_id} does not exist", request_id, started)
                 if self.at_capacity:
-                    refusal = TooManyRooms(self.config.max_rooms)
-                    member.deliver(m.encode_error(m.TOO_MANY_ROOMS, str(refusal), request_id))
-                    return None
+                    refusal = str(TooManyRooms(self.config.max_rooms))
+                    return self._refuse(member, m.TOO_MANY_ROOMS, refusal, request_id, started)
                 task = self._start(room_id, room_id, self.config.max_participants, "join")
             try:
                 joined = await task.join(member, request_id, ice_servers)
             except trio.BrokenResourceError:
                 continue  # that room just ended; look again (a new one may be created)
-            return task if joined else None
+            if joined:
+                self._observer.joined(started)
+                return task
+            self._observer.join_refused(started)
+            return None
+
+    def _refuse(self, member: Member, code: str, text: str, request_id: m.RequestId, started: float) -> None:
+        member.deliver(m.encode_error(code, text, request_id))
+        self._observer.error_sent(code)
+        self._observer.join_refused(started)

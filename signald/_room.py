@@ -91,20 +91,23 @@ class Room:
             self._remove(peer_id)
             self._settle()
 
-    def relay(self, sender_id: str, to: str, text: str, request_id: m.RequestId = None) -> None:
-        """Deliver a pre-encoded relay frame from ``sender_id`` to ``to``, if both are here."""
+    def relay(self, sender_id: str, to: str, text: str, request_id: m.RequestId = None) -> str | None:
+        """Deliver a pre-encoded relay frame from ``sender_id`` to ``to``, if both are here.
+
+        Returns the code of the error the sender was answered with instead (``peer-not-found``), if any.
+        """
         sender = self.seats.get(sender_id)
         if sender is None:
-            return  # evicted while its frame was in flight: nobody to answer
+            return None  # evicted while its frame was in flight: nobody to answer
         target = self.seats.get(to)
+        error = None
         if target is None:
-            self._deliver(
-                sender.member,
-                m.encode_error(m.PEER_NOT_FOUND, f"peer {to} is not in room {self.id}", request_id),
-            )
+            error = m.PEER_NOT_FOUND
+            self._deliver(sender.member, m.encode_error(error, f"peer {to} is not in room {self.id}", request_id))
         else:
             self._deliver(target.member, text)
         self._settle()
+        return error
 
     def _deliver(self, member: Member, text: str) -> None:
         if not member.deliver(text) and member.peer_id not in self._evicted:

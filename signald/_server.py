@@ -25,6 +25,7 @@ from ._connection import HttpConnection
 from ._cors import CorsPolicy
 from ._hub import RoomHub
 from ._limits import BucketsByKey, ConnectionCounter, Refusal
+from ._metrics import Metrics, Observer, State
 from ._rest import HttpResponse, RestApi, error_response
 from ._session import CLOSE_GOING_AWAY, Session
 from ._startup import tls_context
@@ -54,6 +55,9 @@ class Server:
         self.connections = ConnectionCounter(config.limits.max_connections, config.limits.max_connections_per_ip)
         self.room_creations = BucketsByKey(config.limits.room_create_rate, config.limits.room_create_burst)
         self.tokens = JoinTokens(config.auth.secret) if config.auth.secret else None
+        self._metrics = Metrics(self._state) if config.metrics.enabled else None
+        #: What every part of the server reports to: the metrics, or nobody (``metrics.enabled`` false).
+        self.observer: Observer = self._metrics or Observer()
 
     @property
     def hub(self) -> RoomHub:
@@ -82,7 +86,12 @@ class Server:
         return pending
 
     def _rest_api(self) -> RestApi:
-        return RestApi(self.config, self._hub, lambda: self.draining, self.room_creations)
+        # With metrics.bind, /metrics is served on that listener only, never on the public port.
+        metrics = self._metrics.render if self._metrics is not None and not self.config.metrics.bind else None
+        return RestApi(self.config, self._hub, lambda: self.draining, self.room_creations, metrics=metrics)
+
+    def _state(self) -> State:
+        return State(len(self._sessions), len(self._hub), self._hub.user_count)
 
     def status(self) -> str:
         """One line for ``systemctl status``."""
@@ -161,7 +170,10 @@ class Server:
         server_config = self.config.server
         tls = tls_context(server_config)
         async with open_room_store(self.config.storage.path) as store, trio.open_nursery() as rooms:
-            self._hub = RoomHub(self.config.rooms, rooms, store=store, ice=IceServers.from_config(self.config.ice))
+            ice = IceServers.from_config(self.config.ice)
+            self._hub = RoomHub(self.config.rooms, rooms, store=store, ice=ice, observer=self.observer)
+            if self._metrics is not None:
+                rooms.start_soon(self._metrics.watch_event_loop)
             for saved in store.saved if store is not None else ():
                 self._hub.restore(saved.id, saved.name, saved.max_participants, saved.created_at)
             self._rest = self._rest_api()

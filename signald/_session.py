@@ -32,6 +32,7 @@ from ._config import LimitsConfig
 from ._hub import RoomHub, RoomTask
 from ._ids import new_peer_id
 from ._limits import MessageRate, Verdict
+from ._metrics import Observer
 from ._outbox import Outbox
 
 log = logging.getLogger("signald.session")
@@ -62,8 +63,10 @@ class Session:
         limits: LimitsConfig,
         remote: str,
         tokens: JoinTokens | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self._ws = ws
+        self._observer = observer or Observer()
         self._hub = hub
         self._limits = limits
         self.remote = remote
@@ -94,6 +97,7 @@ class Session:
 
     def _evict(self) -> None:
         log.warning("%s: evicted, more than %d bytes unsent", self.remote, self._limits.send_queue_bytes)
+        self._observer.evicted()
         self.request_close(CLOSE_POLICY, "send queue overflow: client is not reading")
 
     async def run(self) -> None:
@@ -113,6 +117,8 @@ class Session:
             if self._room is not None and self._peer is not None:
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + self._limits.close_timeout):
                     await self._room.leave(self._peer.peer_id)
+            closed = self._ws.closed
+            self._observer.closed(self._close_code if self._close_requested.is_set() else closed and closed.code)
             log.info("%s: disconnected", self.remote)
 
     async def _reader(self) -> None:
@@ -150,8 +156,11 @@ class Session:
                     self._reply_error(m.NOT_IN_ROOM, f"join a room before sending {message.type}", message.request_id)
                 else:
                     log.debug("%s: %s %s -> %s", self.remote, message.type, self._peer.peer_id, message.to)
+                    self._observer.relayed(message.type)
                     text = m.encode_relay(message, self._peer.peer_id)
-                    await self._room.relay(self._peer.peer_id, message.to, text, message.request_id)
+                    await self._room.relay(
+                        self._peer.peer_id, message.to, text, message.request_id, trio.current_time()
+                    )
             case m.JoinRoom():
                 await self._join(message)
             case m.LeaveRoom():
@@ -196,6 +205,7 @@ class Session:
 
     def _reply_error(self, code: str, text: str, request_id: m.RequestId = None) -> None:
         self.outbox.push(m.encode_error(code, text, request_id))
+        self._observer.error_sent(code)
 
     async def _writer(self) -> None:
         try:

@@ -102,7 +102,7 @@ async def test_many_relays_are_applied_in_order_across_batches() -> None:
         _, task = await _seated_pair(nursery, a, b)
         count = BATCH * 3 + 7
         for i in range(count):
-            await task.relay("a", "b", json.dumps({"type": "webrtc-offer", "n": i}), None)
+            await task.relay("a", "b", json.dumps({"type": "webrtc-offer", "n": i}), None, trio.current_time())
         await trio.testing.wait_all_tasks_blocked()
         assert [f["n"] for f in b.frames if f["type"] == "webrtc-offer"] == list(range(count))
         nursery.cancel_scope.cancel()
@@ -113,7 +113,7 @@ async def test_relay_behind_a_pending_command_keeps_the_channel_order() -> None:
         a, b = FakeMember("a", "A"), FakeMember("b", "B")
         _, task = await _seated_pair(nursery, a, b)
         task._send.send_nowait(_Leave("b"))  # handed to the room task, not applied yet
-        await task.relay("a", "b", json.dumps({"type": "webrtc-offer"}), "q")
+        await task.relay("a", "b", json.dumps({"type": "webrtc-offer"}), "q", trio.current_time())
         await trio.testing.wait_all_tasks_blocked()
         assert b.types() == ["joined-room"]
         assert a.frames[-1] == {
@@ -130,7 +130,7 @@ async def test_relay_that_evicts_everyone_ends_the_room() -> None:
         a, b = FakeMember("a", "A", capacity=2), FakeMember("b", "B", capacity=1)
         hub, task = await _seated_pair(nursery, a, b)
         # a's peer-not-found overflows a; telling b that a left overflows b: nobody is left.
-        await task.relay("a", "gone", json.dumps({"type": "webrtc-offer"}), None)
+        await task.relay("a", "gone", json.dumps({"type": "webrtc-offer"}), None, trio.current_time())
         await trio.testing.wait_all_tasks_blocked()
         assert not task.room.seats
         assert hub.get("r") is None
