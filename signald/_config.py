@@ -104,8 +104,12 @@ class LimitsConfig:
     #: Seconds a WebSocket may stay open without being in a room (after connecting or leaving).
     idle_timeout: float = _bounded(600.0, low=0.01, high=30 * 86400)
     #: Message shape bounds, in characters, beyond the frame size: an SDP, each string of an ICE
-    #: candidate, a username; and how deeply a message's JSON may nest.
-    max_sdp_length: int = _bounded(32768, low=1, high=16 * 1024 * 1024)
+    #: candidate, a username; and how deeply a message's JSON may nest. An SDP may by default be
+    #: as long as ``max_message_bytes`` lets it (large SDPs are real: many transceivers, simulcast).
+    max_sdp_length: int = attrs.field(
+        default=attrs.Factory(lambda self: self.max_message_bytes, takes_self=True),
+        metadata={"low": 1, "high": 16 * 1024 * 1024},
+    )
     max_candidate_length: int = _bounded(1024, low=1, high=16 * 1024 * 1024)
     max_username_length: int = _bounded(64, low=1, high=4096)
     max_json_depth: int = _bounded(32, low=2, high=1000)
@@ -177,8 +181,8 @@ class MetricsConfig:
     #: Serve GET /metrics in the Prometheus text format. Off by default: what it shows (load,
     #: error rates) is for the operator, not for every visitor of the public port.
     enabled: bool = False
-    #: "HOST:PORT" of a listener of its own for /metrics (e.g. "127.0.0.1:9464"), so it can stay
-    #: off the public interface; "" serves it on the main port beside the REST API.
+    #: "HOST:PORT" of a listener of its own for /metrics (e.g. "127.0.0.1:9464"; port 0: any free
+    #: port), so it can stay off the public interface; "" serves it on the main port beside the REST API.
     bind: str = ""
 
 
@@ -352,7 +356,7 @@ def _check_host(host: str) -> None:
 def split_bind(bind: str) -> tuple[str, int]:
     """``metrics.bind``'s host and port: "127.0.0.1:9464", "[::1]:9464", "localhost:9464"."""
     host, colon, port = bind.rpartition(":")
-    if not colon or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+    if not colon or not host or not port.isdigit() or int(port) > 65535:
         raise ConfigError("metrics.bind", f"{bind!r} is not HOST:PORT, e.g. \"127.0.0.1:9464\" or \"[::1]:9464\"")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

@@ -58,8 +58,9 @@ ERROR_CODES = (
     m.UNAUTHORIZED,
     m.TOO_MANY_ROOMS,
 )
-#: Close codes with a label of their own (RFC 6455 7.4.1); any other is counted as "other".
-CLOSE_CODES = (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1011)
+#: Close codes with a label of their own (RFC 6455 7.4.1; 1005: a close frame without a code); any
+#: other is counted as "other".
+CLOSE_CODES = (1000, 1001, 1002, 1003, 1005, 1007, 1008, 1009, 1011)
 #: The label of a connection that ended without a close code (EOF, a reset, a close-handshake timeout).
 NO_CLOSE_CODE = "none"
 

@@ -89,7 +89,7 @@ def room_json(room: Room, *, with_participants: bool = False) -> dict[str, Any]:
 class RestApi:
     """Routes: GET /health, GET/POST /api/rooms, GET /api/rooms/<id>, GET /api/ice-servers,
     the demo's files when ``demo.enabled``, GET /metrics when given ``metrics`` (the exposition
-    and its Content-Type), plus CORS preflight."""
+    and its Content-Type), plus CORS preflight. (``/ws`` is ``_upgrade``'s.)"""
 
     def __init__(
         self,
@@ -123,8 +123,6 @@ class RestApi:
         if path.startswith("/api/rooms/"):
             room_id = path.removeprefix("/api/rooms/")
             return ("GET",), lambda request: self._room(room_id)
-        if path == "/ws":
-            return ("GET",), self._ws_without_upgrade
         if path == "/api/ice-servers":
             return ("GET",), lambda request: json_response(200, self._ice_servers)
         if path == "/metrics" and self._metrics is not None:
@@ -229,12 +227,12 @@ class RestApi:
             return error_response(404, "room-not-found", f"room {room_id[:64]} does not exist")
         return json_response(200, room_json(room, with_participants=True))
 
-    def _ws_without_upgrade(self, request: HttpRequest) -> HttpResponse:
-        return error_response(
-            426, "upgrade-required", "/ws speaks WebSocket only", [("Upgrade", "websocket"), ("Connection", "Upgrade")]
-        )
-
     def _exposition(self, request: HttpRequest) -> HttpResponse:
         assert self._metrics is not None
-        body, content_type = self._metrics()
-        return HttpResponse(200, [("Content-Type", content_type), ("Cache-Control", "no-store")], body)
+        return exposition_response(self._metrics)
+
+
+def exposition_response(render: Callable[[], tuple[bytes, str]]) -> HttpResponse:
+    """GET /metrics: what ``render`` gives, the exposition and its Content-Type."""
+    body, content_type = render()
+    return HttpResponse(200, [("Content-Type", content_type), ("Cache-Control", "no-store")], body)

@@ -11,28 +11,37 @@ Nothing outlives ``serve``.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import socket
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 
 import trio
 
+from . import _upgrade
 from ._addresses import TrustedProxies
 from ._auth import JoinTokens
-from ._config import Config, ConfigError, reloaded
-from ._connection import HttpConnection
+from ._config import Config, ConfigError, reloaded, split_bind
+from ._connection import Admission, Host, HttpConnection, Stream
 from ._cors import CorsPolicy
 from ._hub import RoomHub
-from ._limits import BucketsByKey, ConnectionCounter, Refusal
+from ._limits import BucketsByKey, ConnectionCounter
+from ._logging import Throttled
 from ._metrics import Metrics, Observer, State
-from ._rest import HttpResponse, RestApi, error_response
-from ._session import CLOSE_GOING_AWAY, Session
+from ._rest import HttpRequest, HttpResponse, RestApi, error_response, exposition_response
 from ._startup import tls_context
 from ._store import open_room_store
+from ._transport import WebSocket
 from ._turn import IceServers
+from ._websocket import CLOSE_GOING_AWAY
 
 log = logging.getLogger("signald")
+
+#: Refused upgrades logged at most this many at once, then this many per second: anyone can
+#: cause them, as fast as they can send requests (``_logging.Throttled``).
+REFUSALS_LOGGED_BURST = 10
+REFUSALS_LOGGED_RATE = 0.2
 
 
 class Server:
@@ -48,9 +57,9 @@ class Server:
         self.draining = False
         self.port: int | None = None
         self._cors = CorsPolicy(config.cors.allowed_origins)
-        self._sessions: set[Session] = set()
+        self._websockets: set[WebSocket] = set()
         self._stop = trio.Event()
-        self._sessions_gone = trio.Event()
+        self._websockets_gone = trio.Event()
         self.proxies = TrustedProxies(config.server.trusted_proxies)
         self.connections = ConnectionCounter(config.limits.max_connections, config.limits.max_connections_per_ip)
         self.room_creations = BucketsByKey(config.limits.room_create_rate, config.limits.room_create_burst)
@@ -58,14 +67,73 @@ class Server:
         self._metrics = Metrics(self._state) if config.metrics.enabled else None
         #: What every part of the server reports to: the metrics, or nobody (``metrics.enabled`` false).
         self.observer: Observer = self._metrics or Observer()
+        #: The port of the ``metrics.bind`` listener, once serving.
+        self.metrics_port: int | None = None
+        self._refusals = Throttled(
+            logging.getLogger("signald.http"), REFUSALS_LOGGED_RATE, REFUSALS_LOGGED_BURST, trio.current_time()
+        )
 
     @property
     def hub(self) -> RoomHub:
         return self._hub
 
+    # -- what a connection needs (``_connection.Host``)
+
     @property
-    def rest(self) -> RestApi:
-        return self._rest
+    def request_timeout(self) -> float:
+        return self.config.server.request_timeout
+
+    def client_key(self, peer_host: str, forwarded_for: str | None) -> str:
+        return self.proxies.client_key(peer_host, forwarded_for)
+
+    def respond(self, request: HttpRequest) -> HttpResponse:
+        return self._rest.handle(request)
+
+    def cors_headers(self, origin: str | None) -> list[tuple[str, str]]:
+        return self._cors.headers(origin)
+
+    def admit(self, method: str, headers: Mapping[str, str], client: str) -> HttpResponse | Admission:
+        refusal = _upgrade.refusal(
+            method, headers, client, draining=self.draining, cors=self._cors, connections=self.connections
+        )
+        if refusal is not None:
+            self._refused(refusal, headers.get("origin"), client)
+            return refusal
+        limits = self.config.limits  # an open WebSocket keeps the limits it began with
+
+        async def run(stream: Stream, early: bytes, remote: str) -> None:
+            websocket = WebSocket(stream, early, self._hub, limits, remote, self.tokens, self.observer)
+            await self._serve_websocket(websocket)
+
+        return Admission(self.connections.hold(client), run)
+
+    def _refused(self, refusal: HttpResponse, origin: str | None, client: str) -> None:
+        """Count and log a refused upgrade: a wrong ``cors.allowed_origins`` or a cap set too low
+        shows only as browsers failing to connect, so the operator must be able to see why."""
+        error = json.loads(refusal.body)  # every refusal is an error_response
+        self.observer.refused(error["error"])
+        level = logging.WARNING if error["error"] == "origin-not-allowed" else logging.INFO
+        self._refusals.log(
+            trio.current_time(),
+            level,
+            "%s: WebSocket upgrade refused (%d %s, origin %.200r): %s",
+            client,
+            refusal.status,
+            error["error"],
+            origin,
+            error["message"],
+        )
+
+    async def _serve_websocket(self, websocket: WebSocket) -> None:
+        self._websockets.add(websocket)
+        if self.draining:
+            websocket.close(CLOSE_GOING_AWAY, "server shutting down")
+        try:
+            await websocket.run()
+        finally:
+            self._websockets.discard(websocket)
+            if self.draining and not self._websockets:
+                self._websockets_gone.set()
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -91,12 +159,12 @@ class Server:
         return RestApi(self.config, self._hub, lambda: self.draining, self.room_creations, metrics=metrics)
 
     def _state(self) -> State:
-        return State(len(self._sessions), len(self._hub), self._hub.user_count)
+        return State(len(self._websockets), len(self._hub), self._hub.user_count)
 
     def status(self) -> str:
         """One line for ``systemctl status``."""
         counts = f"{len(self._hub)} rooms, {self._hub.user_count} users"
-        return f"draining: {len(self._sessions)} WebSockets left, {counts}" if self.draining else counts
+        return f"draining: {len(self._websockets)} WebSockets left, {counts}" if self.draining else counts
 
     async def _listen(self) -> list[trio.SocketListener]:
         if self._inherited:
@@ -107,52 +175,14 @@ class Server:
         except OSError as exc:
             raise ConfigError("server.port", f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
-    def check_upgrade(self, headers: Mapping[str, str], client: str) -> HttpResponse | None:
-        """Why a WebSocket upgrade must be refused, as the HTTP response to refuse it with.
-
-        ``client`` is the per-address key the connection caps count under.
-        """
-        origin = headers.get("origin")
-        cors = self._cors.headers(origin)
-        if self.draining:
-            return error_response(503, "shutting-down", "the server is shutting down", cors)
-        if not self._cors.allows(origin):
-            return error_response(403, "origin-not-allowed", f"origin {origin!s:.200} may not connect", cors)
-        if "websocket" not in headers.get("upgrade", "").lower():
-            return error_response(400, "bad-upgrade", "only the websocket upgrade is served on /ws", cors)
-        if headers.get("sec-websocket-version") != "13":
-            return error_response(
-                426, "bad-upgrade", "Sec-WebSocket-Version must be 13", [("Sec-WebSocket-Version", "13"), *cors]
-            )
-        if not headers.get("sec-websocket-key"):
-            return error_response(400, "bad-upgrade", "Sec-WebSocket-Key is missing", cors)
-        refusal = self.connections.refusal(client)
-        if refusal is Refusal.ADDRESS:
-            log.info("%s: connection refused, %d open from this address", client, self.connections.count(client))
-            return error_response(
-                429,
-                "too-many-connections",
-                f"{self.connections.per_address_cap} connections from {client} are open already",
-                cors,
-            )
-        if refusal is Refusal.SERVER:
-            log.info("connection from %s refused, %d open in total", client, self.connections.total)
-            return error_response(503, "server-full", "the server has as many connections as it takes", cors)
-        return None
-
-    @contextmanager
-    def track(self, session: Session) -> Iterator[None]:
-        self._sessions.add(session)
-        if self.draining:
-            session.request_close(CLOSE_GOING_AWAY, "server shutting down")
+    async def _listen_for_metrics(self, bind: str) -> list[trio.SocketListener]:
+        host, port = split_bind(bind)
         try:
-            yield
-        finally:
-            self._sessions.discard(session)
-            if self.draining and not self._sessions:
-                self._sessions_gone.set()
+            return await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise ConfigError("metrics.bind", f"cannot listen on {bind}: {exc.strerror or exc}") from None
 
-    async def _handle(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
+    async def _handle(self, http_host: Host, stream: Stream) -> None:
         transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
         try:
             host, port, *_ = transport.socket.getpeername()
@@ -160,7 +190,7 @@ class Server:
             host, port = "?", 0
         remote = f"{host}:{port}"
         try:
-            await HttpConnection(self, stream, host, remote).run()
+            await HttpConnection(http_host, stream, host, remote).run()
         except Exception:
             # A bug in one connection's code must not take the server down with it.
             log.exception("%s: connection failed", remote)
@@ -172,19 +202,28 @@ class Server:
         async with open_room_store(self.config.storage.path) as store, trio.open_nursery() as rooms:
             ice = IceServers.from_config(self.config.ice)
             self._hub = RoomHub(self.config.rooms, rooms, store=store, ice=ice, observer=self.observer)
-            if self._metrics is not None:
-                rooms.start_soon(self._metrics.watch_event_loop)
             for saved in store.saved if store is not None else ():
                 self._hub.restore(saved.id, saved.name, saved.max_participants, saved.created_at)
             self._rest = self._rest_api()
             listeners = await self._listen()
             self.port = listeners[0].socket.getsockname()[1]
+            metrics_listeners: list[trio.SocketListener] = []
+            if self._metrics is not None:
+                rooms.start_soon(self._metrics.watch_event_loop)
+                if self.config.metrics.bind:
+                    metrics_listeners = await self._listen_for_metrics(self.config.metrics.bind)
+                    self.metrics_port = metrics_listeners[0].socket.getsockname()[1]
             async with trio.open_nursery() as connections:
+                handle = functools.partial(self._handle, self)
                 if tls is None:
-                    connections.start_soon(trio.serve_listeners, self._handle, listeners)
+                    connections.start_soon(trio.serve_listeners, handle, listeners)
                 else:
                     secure = [trio.SSLListener(listener, tls, https_compatible=True) for listener in listeners]
-                    connections.start_soon(trio.serve_listeners, self._handle, secure)
+                    connections.start_soon(trio.serve_listeners, handle, secure)
+                if self._metrics is not None and metrics_listeners:
+                    endpoint = functools.partial(self._handle, _MetricsEndpoint(self, self._metrics))
+                    connections.start_soon(trio.serve_listeners, endpoint, metrics_listeners)
+                    log.info("metrics on %s", ", ".join(_address(listener.socket) for listener in metrics_listeners))
                 log.info(
                     "listening on %s%s%s",
                     ", ".join(_address(listener.socket) for listener in listeners),
@@ -194,13 +233,13 @@ class Server:
                 task_status.started(self)
                 await self._stop.wait()
                 self.draining = True
-                log.info("shutting down: closing %d WebSocket(s)", len(self._sessions))
-                for session in list(self._sessions):
-                    session.request_close(CLOSE_GOING_AWAY, "server shutting down")
-                if not self._sessions:
-                    self._sessions_gone.set()
+                log.info("shutting down: closing %d WebSocket(s)", len(self._websockets))
+                for websocket in list(self._websockets):
+                    websocket.close(CLOSE_GOING_AWAY, "server shutting down")
+                if not self._websockets:
+                    self._websockets_gone.set()
                 with trio.move_on_after(server_config.shutdown_grace):
-                    await self._sessions_gone.wait()
+                    await self._websockets_gone.wait()
                 connections.cancel_scope.cancel()
             rooms.cancel_scope.cancel()
         log.info("stopped")
@@ -209,3 +248,37 @@ class Server:
 def _address(sock: trio.socket.SocketType) -> str:
     host, port, *_ = sock.getsockname()
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _MetricsEndpoint:
+    """The ``Host`` of the ``metrics.bind`` listener: GET /metrics, and nothing else at all."""
+
+    def __init__(self, server: Server, metrics: Metrics) -> None:
+        self._server = server
+        self._metrics = metrics
+
+    @property
+    def request_timeout(self) -> float:
+        return self._server.request_timeout
+
+    @property
+    def draining(self) -> bool:
+        return self._server.draining
+
+    def client_key(self, peer_host: str, forwarded_for: str | None) -> str:
+        return peer_host
+
+    def cors_headers(self, origin: str | None) -> list[tuple[str, str]]:
+        return []  # for Prometheus, not for pages in browsers
+
+    def respond(self, request: HttpRequest) -> HttpResponse:
+        if request.path != "/metrics":
+            return error_response(404, "not-found", f"no such path: {request.path[:200]}; this port serves /metrics")
+        if request.method != "GET":
+            return error_response(
+                405, "method-not-allowed", f"{request.method} is not allowed here; use GET", [("Allow", "GET")]
+            )
+        return exposition_response(self._metrics.render)
+
+    def admit(self, method: str, headers: Mapping[str, str], client: str) -> HttpResponse | Admission:
+        return error_response(404, "not-found", "no WebSockets on this port: it serves /metrics")

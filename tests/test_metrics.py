@@ -3,8 +3,10 @@ the traffic exactly, and output, scrape config and alert rules that Prometheus's
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,9 +17,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from signald import Server
 from signald._config import ConfigError, structure
+from signald._metrics import LAG_INTERVAL, Metrics, State
+from signald._server import REFUSALS_LOGGED_BURST
 
 from ._clients import TIMEOUT, connect, http_request, text_frame
-from .adversarial._harness import raw_websocket
+from .adversarial._harness import raw_websocket, refusal_code, upgrade_status
 
 ROOT = Path(__file__).parent.parent
 PROMETHEUS_DOCS = ROOT / "docs/prometheus"
@@ -32,7 +36,10 @@ async def scrape(port: int) -> tuple[str, Samples]:
     status, headers, body = await http_request(port, "GET", "/metrics")
     assert status == 200, body
     assert headers["content-type"].startswith("text/plain; version=")
-    text = body.decode()
+    return parse(body.decode())
+
+
+def parse(text: str) -> tuple[str, Samples]:
     samples: Samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -170,7 +177,7 @@ async def test_no_label_carries_a_room_or_member_id(server_factory: Callable[...
 
 
 def test_metrics_bind_must_be_host_and_port() -> None:
-    for bind in ("9464", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:99999", "::1:9464", "[nope]:9464", "a b:9464"):
+    for bind in ("9464", "127.0.0.1", "127.0.0.1:99999", "::1:9464", "[nope]:9464", "a b:9464"):
         with pytest.raises(ConfigError) as info:
             structure({"metrics": {"enabled": True, "bind": bind}})
         assert info.value.key == "metrics.bind", bind
@@ -196,3 +203,84 @@ def test_scrape_config_passes_promtool(tmp_path: Path) -> None:
     local.write_text(config.replace("/etc/prometheus/signald-alerts.yml", str(PROMETHEUS_DOCS / "alerts.yml")))
     checked = promtool("check", "config", str(local))
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+async def test_metrics_bind_is_a_listener_of_its_own(server_factory: Callable[..., Any]) -> None:
+    server = await server_factory(metrics={"enabled": True, "bind": "127.0.0.1:0"})
+    assert server.port and server.metrics_port and server.metrics_port != server.port
+    status, _, body = await http_request(server.port, "GET", "/metrics")
+    assert (status, body["error"]) == (404, "not-found")  # not on the public port
+    _, samples = await scrape(server.metrics_port)
+    assert value(samples, "signald_connections") == 0
+    # Nothing else is served there: not the REST API, not WebSockets.
+    for method, path, expected in (("GET", "/health", 404), ("GET", "/api/rooms", 404), ("POST", "/metrics", 405)):
+        status, _, body = await http_request(server.metrics_port, method, path, b"" if method == "POST" else None)
+        assert status == expected, (method, path, body)
+    status, stream = await upgrade_status(server.metrics_port)
+    async with stream:
+        assert status == 404
+    status, _, body = await http_request(server.port, "GET", "/health")
+    assert status == 200
+
+
+async def test_refused_upgrades_are_counted_and_logged_with_reason_and_origin(
+    server_factory: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await server_factory(
+        metrics={"enabled": True},
+        cors={"allowed_origins": ["https://meet.example.com"]},
+        limits={"max_connections_per_ip": 1},
+    )
+    assert server.port
+    caplog.set_level(logging.INFO, logger="signald")
+    status, stream = await upgrade_status(server.port, headers=b"Origin: https://evil.example\r\n")
+    async with stream:
+        assert (status, await refusal_code(stream)) == (403, "origin-not-allowed")
+    (line,) = [r for r in caplog.records if "upgrade refused" in r.getMessage()]
+    assert line.levelno == logging.WARNING
+    assert "origin-not-allowed" in line.getMessage() and "'https://evil.example'" in line.getMessage()
+    caplog.clear()
+    async with connect(server.port, origin="https://meet.example.com"):
+        status, stream = await upgrade_status(server.port, headers=b"Origin: https://meet.example.com\r\n")
+        async with stream:
+            assert (status, await refusal_code(stream)) == (429, "too-many-connections")
+    (line,) = [r for r in caplog.records if "upgrade refused" in r.getMessage()]
+    assert line.levelno == logging.INFO
+    assert "too-many-connections" in line.getMessage() and "'https://meet.example.com'" in line.getMessage()
+    # A flood is counted in full but logged only up to the burst (and what refills meanwhile).
+    caplog.clear()
+    flood = 3 * REFUSALS_LOGGED_BURST
+    for _ in range(flood):
+        status, stream = await upgrade_status(server.port, headers=b"Origin: https://evil.example\r\n")
+        async with stream:
+            assert status == 403
+    logged = [r for r in caplog.records if "upgrade refused" in r.getMessage()]
+    assert 1 <= len(logged) < REFUSALS_LOGGED_BURST + 5
+    _, samples = await scrape(server.port)
+    assert labelled(samples, "signald_upgrades_refused_total", "reason") == {
+        "origin-not-allowed": 1 + flood,
+        "too-many-connections": 1,
+    }
+
+
+def test_close_codes_outside_rfc_6455_share_one_label() -> None:
+    metrics = Metrics(lambda: State(0, 0, 0))
+    for code in (1000, 4000, 4999, 3001, None, 1005):
+        metrics.closed(code)
+    _, samples = parse(metrics.render()[0].decode())
+    assert labelled(samples, "signald_websocket_closes_total", "code") == {"1000": 1, "other": 3, "none": 1, "1005": 1}
+
+
+async def test_event_loop_lag_is_how_late_a_sleep_wakes_up(nursery: trio.Nursery) -> None:
+    metrics = Metrics(lambda: State(0, 0, 0))
+    await nursery.start(metrics.watch_event_loop)
+    # A task that hogs the loop (the very thing measured): the watcher wakes up 0.2 s late.
+    time.sleep(LAG_INTERVAL + 0.2)  # noqa: ASYNC251
+    with trio.fail_after(TIMEOUT):
+        while True:
+            await trio.testing.wait_all_tasks_blocked(0.01)
+            _, samples = parse(metrics.render()[0].decode())
+            if value(samples, "signald_event_loop_lag_seconds_count"):
+                break
+    assert value(samples, "signald_event_loop_lag_seconds_sum") >= 0.2
+    assert value(samples, "signald_event_loop_lag_seconds_bucket", le="0.1") == 0
