@@ -89,14 +89,18 @@ class Throttled:
     the operator learns that the flood happened without reading every line of it.
     """
 
-    def __init__(self, logger: logging.Logger, rate: float, burst: int, now: float) -> None:
+    def __init__(self, logger: logging.Logger, rate: float, burst: int) -> None:
         self._logger = logger
-        self._bucket = TokenBucket.full(rate, burst, now)
+        self._rate, self._burst = rate, burst
+        #: Filled at the first line, whose ``now`` is the first the clock gives us.
+        self._bucket: TokenBucket | None = None
         self.held_back = 0
 
     def log(self, now: float, level: int, message: str, *args: object) -> None:
         if not self._logger.isEnabledFor(level):
             return
+        if self._bucket is None:
+            self._bucket = TokenBucket.full(self._rate, self._burst, now)
         if not self._bucket.take(now):
             self.held_back += 1
             return

@@ -77,10 +77,9 @@ class State:
 class Observer:
     """Where the daemon reports what it did. This one ignores every report (metrics off).
 
-    ``now`` arguments are ``trio.current_time()`` values the caller had at hand anyway.
+    Times (``received_at``, ``started_at``) are ``trio.current_time()`` values the caller had at
+    hand anyway; only the counting observer reads the clock again.
     """
-
-    enabled = False
 
     def relayed(self, message_type: str) -> None:
         """A member sent a relay (``webrtc-offer``, ``webrtc-answer``, ``ice-candidate``)."""
@@ -126,8 +125,6 @@ class _StateCollector(Collector):
 class Metrics(Observer):
     """The observer that counts, in a registry of its own (so two servers in one process,
     as in the tests, do not share numbers); ``render`` is the body of GET /metrics."""
-
-    enabled = True
 
     def __init__(self, state: Callable[[], State]) -> None:
         # Without this, every counter gets a ``_created`` twin, the Unix time its labels were first

@@ -69,9 +69,7 @@ class Server:
         self.observer: Observer = self._metrics or Observer()
         #: The port of the ``metrics.bind`` listener, once serving.
         self.metrics_port: int | None = None
-        self._refusals = Throttled(
-            logging.getLogger("signald.http"), REFUSALS_LOGGED_RATE, REFUSALS_LOGGED_BURST, trio.current_time()
-        )
+        self._refusals = Throttled(logging.getLogger("signald.http"), REFUSALS_LOGGED_RATE, REFUSALS_LOGGED_BURST)
 
     @property
     def hub(self) -> RoomHub:

@@ -9,6 +9,7 @@ import trio.testing
 
 from signald._config import RoomsConfig
 from signald._hub import BATCH, RoomHub, RoomTask, _Leave
+from signald._metrics import Observer
 
 from .test_room import FakeMember
 
@@ -156,4 +157,61 @@ async def test_user_count_and_listing() -> None:
         await hub.join("x", FakeMember("b", "B"))
         assert len(hub) == 2 and hub.user_count == 2
         assert {room.name for room in hub} == {"empty", "x"}
+        nursery.cancel_scope.cancel()
+
+
+class Recorder(Observer):
+    """An observer that writes down what the hub and its room tasks report."""
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[str, object]] = []
+
+    def delivered(self, received_at: float) -> None:
+        self.reports.append(("delivered", received_at))
+
+    def joined(self, started_at: float) -> None:
+        self.reports.append(("joined", None))
+
+    def join_refused(self, started_at: float) -> None:
+        self.reports.append(("join_refused", None))
+
+    def left(self, members: int) -> None:
+        self.reports.append(("left", members))
+
+    def error_sent(self, code: str) -> None:
+        self.reports.append(("error_sent", code))
+
+
+async def test_the_hub_reports_joins_refusals_relays_and_every_way_of_leaving() -> None:
+    recorder = Recorder()
+    async with trio.open_nursery() as nursery:
+        hub = RoomHub(RoomsConfig(max_participants=2, max_rooms=1), nursery, observer=recorder)
+        a, b = FakeMember("a", "A", capacity=3), FakeMember("b", "B", capacity=100)
+        task = await hub.join("r", a)
+        assert task is not None and await hub.join("r", b) is not None
+        assert await hub.join("r", FakeMember("c", "C")) is None  # full
+        assert await hub.join("other", FakeMember("d", "D")) is None  # max_rooms
+        await task.relay("b", "a", "{}", None, 12.5)
+        await task.relay("b", "nobody", "{}", None, 13.0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert recorder.reports == [
+            ("joined", None),
+            ("joined", None),
+            ("error_sent", "room-full"),
+            ("join_refused", None),
+            ("error_sent", "too-many-rooms"),
+            ("join_refused", None),
+            ("delivered", 12.5),
+            ("delivered", 13.0),
+            ("error_sent", "peer-not-found"),
+        ]
+        recorder.reports.clear()
+        await task.relay("b", "a", "{}", None, 14.0)  # a fourth frame for a, which holds three: evicted
+        await trio.testing.wait_all_tasks_blocked()
+        assert recorder.reports == [("delivered", 14.0), ("left", 1)]
+        recorder.reports.clear()
+        await task.leave("b")
+        await task.leave("b")  # not there any more: nobody left
+        await trio.testing.wait_all_tasks_blocked()
+        assert recorder.reports == [("left", 1)]
         nursery.cancel_scope.cancel()

@@ -134,7 +134,7 @@ def test_under_the_journal_even_the_fatal_line_has_a_priority(tmp_path: Path) ->
 def test_throttled_lines_stop_at_the_burst_and_say_how_many_were_held_back(caplog: pytest.LogCaptureFixture) -> None:
     log = logging.getLogger("signald.http")
     caplog.set_level(logging.INFO, logger="signald")
-    throttled = _logging.Throttled(log, rate=0.5, burst=3, now=100.0)
+    throttled = _logging.Throttled(log, rate=0.5, burst=3)
     for n in range(10):  # a flood, all in one instant
         throttled.log(100.0, logging.INFO, "refused %d", n)
     assert [r.getMessage() for r in caplog.records] == ["refused 0", "refused 1", "refused 2"]
@@ -151,7 +151,7 @@ def test_throttled_lines_stop_at_the_burst_and_say_how_many_were_held_back(caplo
 
 def test_throttled_lines_below_the_level_take_nothing_from_the_budget(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="signald")
-    throttled = _logging.Throttled(logging.getLogger("signald.http"), rate=0.001, burst=1, now=0.0)
+    throttled = _logging.Throttled(logging.getLogger("signald.http"), rate=0.001, burst=1)
     for _ in range(5):
         throttled.log(0.0, logging.INFO, "not shown at warning")
     throttled.log(0.0, logging.WARNING, "shown")
