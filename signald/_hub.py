@@ -12,6 +12,10 @@ A room task ends when its room should no longer exist (empty, and either created
 idle past ``rooms.idle_ttl``). It unregisters itself and closes its channel in the same
 synchronous step in which it saw the channel empty, so a command can never be lost in between:
 a sender that loses the race gets ``BrokenResourceError`` and looks the room up again.
+
+Metrics are reported where the facts are: the room task tells its observer (``_metrics``) each
+relay's time from the read that brought it, and how many members a command removed (a leave, or
+evictions during a relay or a join); the hub tells it each join's outcome and time.
 """
 
 from __future__ import annotations
