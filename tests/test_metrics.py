@@ -284,3 +284,16 @@ async def test_event_loop_lag_is_how_late_a_sleep_wakes_up(nursery: trio.Nursery
                 break
     assert value(samples, "signald_event_loop_lag_seconds_sum") >= 0.2
     assert value(samples, "signald_event_loop_lag_seconds_bucket", le="0.1") == 0
+
+
+async def test_relay_times_land_in_buckets_from_50_microseconds(autojump_clock: trio.testing.MockClock) -> None:
+    metrics = Metrics(lambda: State(0, 0, 0))
+    now = trio.current_time()
+    for seconds in (0.00004, 0.00004, 0.0003, 0.003, 2.0):
+        metrics.delivered(now - seconds)
+    _, samples = parse(metrics.render()[0].decode())
+    buckets = labelled(samples, "signald_relay_duration_seconds_bucket", "le")
+    assert min(buckets, key=float) == "5e-05"
+    assert (buckets["5e-05"], buckets["0.0005"], buckets["0.005"], buckets["1.0"], buckets["+Inf"]) == (2, 3, 4, 4, 5)
+    assert value(samples, "signald_relay_duration_seconds_count") == 5
+    assert value(samples, "signald_relay_duration_seconds_sum") == pytest.approx(2.00338)
