@@ -63,7 +63,7 @@ class _Leave:
 class _Relay:
     sender_id: str
     to: str
-    text: str
+    text: bytes
     request_id: m.RequestId
     #: ``trio.current_time()`` when the frame was read off the sender's socket (relay time).
     received_at: float
@@ -100,7 +100,7 @@ class RoomTask:
         with contextlib.suppress(trio.BrokenResourceError):  # room gone, so the member is too
             await self._send.send(_Leave(peer_id))
 
-    async def relay(self, sender_id: str, to: str, text: str, request_id: m.RequestId, received_at: float) -> None:
+    async def relay(self, sender_id: str, to: str, text: bytes, request_id: m.RequestId, received_at: float) -> None:
         """Queue a relay; waits only when the channel is full (a flooding reader).
 
         ``send_nowait`` skips the scheduler round trip that ``send`` makes even when there

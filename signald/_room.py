@@ -27,7 +27,7 @@ class Member(Protocol):
     @property
     def username(self) -> str: ...
 
-    def deliver(self, text: str) -> bool:
+    def deliver(self, frame: bytes) -> bool:
         """Queue one frame for this member; False means it cannot take more and must go."""
         ...
 
@@ -91,7 +91,7 @@ class Room:
             self._remove(peer_id)
             self._settle()
 
-    def relay(self, sender_id: str, to: str, text: str, request_id: m.RequestId = None) -> str | None:
+    def relay(self, sender_id: str, to: str, text: bytes, request_id: m.RequestId = None) -> str | None:
         """Deliver a pre-encoded relay frame from ``sender_id`` to ``to``, if both are here.
 
         Returns the code of the error the sender was answered with instead (``peer-not-found``), if any.
@@ -109,11 +109,11 @@ class Room:
         self._settle()
         return error
 
-    def _deliver(self, member: Member, text: str) -> None:
+    def _deliver(self, member: Member, text: bytes) -> None:
         if not member.deliver(text) and member.peer_id not in self._evicted:
             self._evicted.append(member.peer_id)
 
-    def _broadcast(self, text: str, exclude: str | None = None) -> None:
+    def _broadcast(self, text: bytes, exclude: str | None = None) -> None:
         """One encoded frame, handed to every member: encoded once, not once per recipient."""
         for peer_id, seat in self.seats.items():
             if peer_id != exclude:

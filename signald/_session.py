@@ -68,7 +68,9 @@ class RoomHandle(Protocol):
 
     async def leave(self, peer_id: str) -> None: ...
 
-    async def relay(self, sender_id: str, to: str, text: str, request_id: m.RequestId, received_at: float) -> None: ...
+    async def relay(
+        self, sender_id: str, to: str, text: bytes, request_id: m.RequestId, received_at: float
+    ) -> None: ...
 
 
 @attrs.frozen
@@ -79,8 +81,8 @@ class LocalMember:
     username: str
     outbox: Outbox = attrs.field(repr=False)
 
-    def deliver(self, text: str) -> bool:
-        return self.outbox.push(text)
+    def deliver(self, frame: bytes) -> bool:
+        return self.outbox.push(frame)
 
 
 @attrs.frozen
@@ -101,7 +103,7 @@ class Relay:
     room: RoomHandle
     sender_id: str
     to: str
-    text: str
+    text: bytes
     request_id: m.RequestId
     #: The ``now`` of the read that brought the frame: where the relay time (metrics) starts.
     received_at: float
