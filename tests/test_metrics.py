@@ -15,7 +15,6 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from signald import Server
 from signald._config import ConfigError, structure
 from signald._metrics import LAG_INTERVAL, Metrics, State
 from signald._server import REFUSALS_LOGGED_BURST
@@ -71,10 +70,12 @@ def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
     return subprocess.run([PROMTOOL, *args], input=stdin, capture_output=True, text=True, timeout=60)
 
 
-async def test_metrics_are_off_by_default(server: Server) -> None:
-    assert server.port
-    status, _, body = await http_request(server.port, "GET", "/metrics")
-    assert (status, body["error"]) == (404, "not-found")
+async def test_metrics_are_off_by_default(server_factory: Callable[..., Any]) -> None:
+    for sections in ({}, {"metrics": {"bind": "127.0.0.1:0"}}):  # a bind alone turns nothing on
+        server = await server_factory(**sections)
+        assert server.port and server.metrics_port is None
+        status, _, body = await http_request(server.port, "GET", "/metrics")
+        assert (status, body["error"]) == (404, "not-found")
 
 
 async def test_counts_match_the_traffic_exactly(server_factory: Callable[..., Any]) -> None:
