@@ -284,7 +284,10 @@ async def test_event_loop_lag_is_how_late_a_sleep_wakes_up(nursery: trio.Nursery
             if value(samples, "signald_event_loop_lag_seconds_count"):
                 break
     assert value(samples, "signald_event_loop_lag_seconds_sum") >= 0.2
-    assert value(samples, "signald_event_loop_lag_seconds_bucket", le="0.1") == 0
+    late = value(samples, "signald_event_loop_lag_seconds_count") - value(
+        samples, "signald_event_loop_lag_seconds_bucket", le="0.1"
+    )
+    assert late >= 1  # that wake-up is in a bucket above 100 ms
 
 
 async def test_relay_times_land_in_buckets_from_50_microseconds(autojump_clock: trio.testing.MockClock) -> None:
