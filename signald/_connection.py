@@ -148,62 +148,73 @@ class HttpConnection:
                 return None
 
     async def run(self) -> None:
-        timeout = self._host.request_timeout
         try:
-            while True:
-                with trio.move_on_after(timeout) as scope:
-                    try:
-                        received = await self._read_request()
-                    except h11.RemoteProtocolError as exc:
-                        log.info("%s: bad HTTP request: %s", self._remote, exc)
-                        await self._respond_if_possible(
-                            error_response(
-                                exc.error_status_hint, "bad-request", f"malformed HTTP request: {exc}", self._cors()
-                            )
-                        )
-                        return
-                    except _BodyTooLarge:
-                        await self._respond_if_possible(
-                            error_response(
-                                413, "payload-too-large", f"request body over {MAX_BODY_BYTES} bytes", self._cors()
-                            )
-                        )
-                        return
-                if scope.cancelled_caught:
-                    if self._conn.their_state is h11.SEND_BODY or (
-                        self._conn.their_state is h11.IDLE and self._conn.trailing_data[0]
-                    ):
-                        await self._respond_if_possible(
-                            error_response(408, "request-timeout", "request took too long", self._cors())
-                        )
-                    return
-                if received is None:
-                    return
-                request, body = received
-                headers = _header_map(request)
-                method = request.method.decode("ascii")
-                target = request.target.decode("latin-1")
-                if target.split("?", 1)[0] == PATH:
-                    await self._upgrade(method, headers)
-                    return
-                response = self._host.respond(HttpRequest(method, target, headers, body, self._client(headers)))
-                log.debug(
-                    "%s: %s %s -> %d",
-                    self._remote,
-                    request.method.decode(),
-                    request.target.decode("latin-1"),
-                    response.status,
-                )
-                await self._respond(response)
-                if self._conn.our_state is h11.MUST_CLOSE or self._host.draining:
-                    return
-                self._conn.start_next_cycle()
-                self._origin = None
+            upgrade = await self._serve_http()
+            if upgrade is not None:
+                admission, accept = upgrade
+                with admission.hold:  # entered with no checkpoint since the check: no race
+                    await self._websocket(admission, accept)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away mid-exchange
         finally:
             with trio.move_on_after(0):
                 await self._stream.aclose()
+
+    async def _serve_http(self) -> tuple[Admission, list[tuple[str, str]]] | None:
+        """Requests until the connection should close (None), or an admitted upgrade."""
+        timeout = self._host.request_timeout
+        while True:
+            with trio.move_on_after(timeout) as scope:
+                try:
+                    received = await self._read_request()
+                except h11.RemoteProtocolError as exc:
+                    log.info("%s: bad HTTP request: %s", self._remote, exc)
+                    await self._respond_if_possible(
+                        error_response(
+                            exc.error_status_hint, "bad-request", f"malformed HTTP request: {exc}", self._cors()
+                        )
+                    )
+                    return None
+                except _BodyTooLarge:
+                    await self._respond_if_possible(
+                        error_response(
+                            413, "payload-too-large", f"request body over {MAX_BODY_BYTES} bytes", self._cors()
+                        )
+                    )
+                    return None
+            if scope.cancelled_caught:
+                if self._conn.their_state is h11.SEND_BODY or (
+                    self._conn.their_state is h11.IDLE and self._conn.trailing_data[0]
+                ):
+                    await self._respond_if_possible(
+                        error_response(408, "request-timeout", "request took too long", self._cors())
+                    )
+                return None
+            if received is None:
+                return None
+            request, body = received
+            headers = _header_map(request)
+            method = request.method.decode("ascii")
+            target = request.target.decode("latin-1")
+            if target.split("?", 1)[0] == PATH:
+                admission = self._host.admit(method, headers, self._client(headers))
+                if isinstance(admission, HttpResponse):
+                    await self._respond(admission, close=True)
+                    return None
+                return admission, accept_headers(headers)
+            response = self._host.respond(HttpRequest(method, target, headers, body, self._client(headers)))
+            log.debug(
+                "%s: %s %s -> %d",
+                self._remote,
+                request.method.decode(),
+                request.target.decode("latin-1"),
+                response.status,
+            )
+            await self._respond(response)
+            if self._conn.our_state is h11.MUST_CLOSE or self._host.draining:
+                return None
+            self._conn.start_next_cycle()
+            self._origin = None
 
     async def _respond_if_possible(self, response: HttpResponse) -> None:
         if self._conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
@@ -226,16 +237,13 @@ class HttpConnection:
         """The per-address key of the client: the peer, or whom a trusted proxy forwarded."""
         return self._host.client_key(self._peer_host, headers.get("x-forwarded-for"))
 
-    async def _upgrade(self, method: str, headers: Mapping[str, str]) -> None:
-        admission = self._host.admit(method, headers, self._client(headers))
-        if isinstance(admission, HttpResponse):
-            await self._respond(admission, close=True)
+    async def _websocket(self, admission: Admission, accept: list[tuple[str, str]]) -> None:
+        with trio.move_on_after(self._host.request_timeout) as handshake:
+            await self._send(h11.InformationalResponse(status_code=101, headers=accept))
+        if handshake.cancelled_caught:
+            log.info("%s: WebSocket handshake timed out", self._remote)
             return
-        with admission.hold:  # no checkpoint since the check: no race
-            with trio.move_on_after(self._host.request_timeout) as handshake:
-                await self._send(h11.InformationalResponse(status_code=101, headers=accept_headers(headers)))
-            if handshake.cancelled_caught:
-                log.info("%s: WebSocket handshake timed out", self._remote)
-                return
-            early, _ = self._conn.trailing_data
-            await admission.run(self._stream, early, self._remote)
+        early, _ = self._conn.trailing_data
+        # h11 is done with this connection: its state and buffers need not live as long as the WebSocket.
+        del self._conn
+        await admission.run(self._stream, early, self._remote)
