@@ -10,6 +10,8 @@ Every read of a request is bounded by ``server.request_timeout`` (slowloris), ev
 ``Content-Length`` and ``Transfer-Encoding`` is refused outright: a proxy in front of us might
 frame its body by the other header, and the bytes it disagrees about would be a smuggled request.
 Each WebSocket counts against the connection caps, by client address, from its handshake on.
+A drain (the host's ``draining``) answers the request under way with ``Connection: close`` and
+ends a keep-alive connection idling between requests (:meth:`HttpConnection.close_if_idle`).
 
 The connection knows the server only through :class:`Host`, the six things it needs.
 """
@@ -100,6 +102,21 @@ class HttpConnection:
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         #: The ``Origin`` of the request being read, for the CORS headers of an error about it.
         self._origin: str | None = None
+        #: Whether a response has been sent, so that the wait for the next request is keep-alive idling.
+        self._answered = False
+        #: Set while idling between keep-alive requests with nothing received: what a drain cancels.
+        self._idle: trio.CancelScope | None = None
+
+    def close_if_idle(self) -> None:
+        """Drain: end the connection now if it idles between keep-alive requests.
+
+        A request under way is served to the end (with ``Connection: close``), and so is the
+        first request of a connection accepted before the drain: its client has connected and
+        is sending it. Only an idle keep-alive connection is closed, which a client may always
+        expect (RFC 9112 9.3.1, 9.6) and retries on a new connection.
+        """
+        if self._idle is not None:
+            self._idle.cancel()
 
     async def _send(self, event: h11.Event) -> None:
         data = self._conn.send(event)
@@ -127,7 +144,18 @@ class HttpConnection:
             if event is h11.NEED_DATA:
                 if self._conn.they_are_waiting_for_100_continue:
                     await self._send(h11.InformationalResponse(status_code=100, headers=[]))
-                self._conn.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
+                if self._answered and request is None and not self._conn.trailing_data[0]:
+                    data = b""  # unless a byte comes before the drain: closed between requests
+                    with trio.CancelScope() as self._idle:
+                        if self._host.draining:
+                            self._idle.cancel()
+                        data = await self._stream.receive_some(RECEIVE_SIZE)
+                    self._idle = None
+                    if not data:
+                        return None
+                    self._conn.receive_data(data)
+                else:
+                    self._conn.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
             elif isinstance(event, h11.Request):
                 request = event
                 self._origin = next((v.decode("latin-1") for n, v in event.headers if n == b"origin"), None)
@@ -211,6 +239,7 @@ class HttpConnection:
                 response.status,
             )
             await self._respond(response)
+            self._answered = True
             if self._conn.our_state is h11.MUST_CLOSE or self._host.draining:
                 return None
             self._conn.start_next_cycle()

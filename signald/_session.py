@@ -135,12 +135,11 @@ class Session:
         observer: Observer | None = None,
     ) -> None:
         self._limits = limits
+        self._ice = ice or IceServers()
         self.outbox = outbox
         self.remote = remote
         self._tokens = tokens
         self._new_id = new_id
-        #: Where a member's fresh ``iceServers`` (get-ice-servers) come from.
-        self._ice = ice or IceServers()
         self._observer = observer or Observer()
         self._rate = MessageRate(limits.message_rate, limits.message_burst, limits.rate_limit_close_after, now)
         self._bounds = m.Bounds(
