@@ -181,6 +181,16 @@ class DemoConfig:
 
 
 @attrs.frozen
+class MetricsConfig:
+    #: Serve GET /metrics in the Prometheus text format. Off by default: what it shows (load,
+    #: error rates) is for the operator, not for every visitor of the public port.
+    enabled: bool = False
+    #: "HOST:PORT" of a listener of its own for /metrics (e.g. "127.0.0.1:9464"; port 0: any free
+    #: port), so it can stay off the public interface; "" serves it on the main port beside the REST API.
+    bind: str = ""
+
+
+@attrs.frozen
 class Config:
     server: ServerConfig = ServerConfig()
     cors: CorsConfig = CorsConfig()
@@ -191,6 +201,7 @@ class Config:
     log: LogConfig = LogConfig()
     ice: IceConfig = IceConfig()
     demo: DemoConfig = DemoConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
 
 def _strict_converter() -> cattrs.Converter:
@@ -346,6 +357,24 @@ def _check_host(host: str) -> None:
     )
 
 
+def split_bind(bind: str) -> tuple[str, int]:
+    """``metrics.bind``'s host and port: "127.0.0.1:9464", "[::1]:9464", "localhost:9464"."""
+    host, colon, port = bind.rpartition(":")
+    if not colon or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError("metrics.bind", f"{bind!r} is not HOST:PORT, e.g. \"127.0.0.1:9464\" or \"[::1]:9464\"")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError("metrics.bind", f"{bind!r}: {host!r} in brackets is not an IPv6 address") from None
+    elif ":" in host:
+        raise ConfigError("metrics.bind", f"{bind!r}: put an IPv6 address in brackets, e.g. \"[::1]:9464\"")
+    elif not _HOSTNAME.fullmatch(host):
+        raise ConfigError("metrics.bind", f"{bind!r}: {host!r} is not an IP address or a host name")
+    return host, int(port)
+
+
 def _check(config: Config) -> Config:
     for field in attrs.fields(Config):
         _check_ranges(field.name, getattr(config, field.name))
@@ -379,6 +408,8 @@ def _check(config: Config) -> Config:
     for index, server in enumerate(config.ice.servers):
         _check_ice_server(f"ice.servers[{index}]", server)
     _check_turn(config.ice)
+    if config.metrics.bind:
+        split_bind(config.metrics.bind)
     if config.limits.send_queue_bytes < config.limits.max_message_bytes:
         raise ConfigError(
             "limits.send_queue_bytes",

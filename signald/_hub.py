@@ -19,6 +19,10 @@ idle TTL of an empty posted room, or the end of the earliest grace of a suspende
 A resume token names its room, so finding the seat it belongs to is the same lookup as a
 join's; no table of live tokens exists to share between processes. The hub only remembers,
 within a bound, tokens that stopped working and why, to answer a late resume in words.
+
+Metrics are reported where the facts are: the room task tells its observer (``_metrics``) each
+relay's time from the read that brought it, and how many members a command removed (a leave, or
+evictions during a relay or a join); the hub tells it each join's outcome and time.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import trio
 from . import _messages as m
 from ._config import RoomsConfig
 from ._ids import new_resume_token, new_room_id, resume_token_seat, utc_now
+from ._metrics import Observer
 from ._room import Member, Room
 from ._turn import IceServers
 
@@ -86,6 +91,8 @@ class _Relay:
     to: str
     text: bytes
     request_id: m.RequestId
+    #: ``trio.current_time()`` when the frame was read off the sender's socket (relay time).
+    received_at: float
 
 
 _Command = _Join | _Leave | _Suspend | _Resume | _Relay
@@ -110,10 +117,11 @@ TOKEN_UNKNOWN = "unknown resume token: it was never issued, or its session ended
 class RoomTask:
     """A room, its channel, and the task that applies the channel's commands to it."""
 
-    def __init__(self, room: Room, idle_ttl: float, clock: Callable[[], datetime]) -> None:
+    def __init__(self, room: Room, idle_ttl: float, clock: Callable[[], datetime], observer: Observer) -> None:
         self.room = room
         self._idle_ttl = idle_ttl
         self._clock = clock
+        self._observer = observer
         self._send, self._receive = trio.open_memory_channel[_Command](CHANNEL_SIZE)
 
     async def join(self, member: Member, request_id: m.RequestId, ice_servers: list[dict[str, Any]] | None) -> bool:
@@ -146,14 +154,14 @@ class RoomTask:
         await command.done.wait()
         return command.member
 
-    async def relay(self, sender_id: str, to: str, text: bytes, request_id: m.RequestId) -> None:
+    async def relay(self, sender_id: str, to: str, text: bytes, request_id: m.RequestId, received_at: float) -> None:
         """Queue a relay; waits only when the channel is full (a flooding reader).
 
         ``send_nowait`` skips the scheduler round trip that ``send`` makes even when there
         is room, and the sender's next read is a checkpoint anyway. The wait is shielded: a
         cancellation (the reader's timer) must not lose a relay, and the room always drains.
         """
-        command = _Relay(sender_id, to, text, request_id)
+        command = _Relay(sender_id, to, text, request_id, received_at)
         try:
             self._send.send_nowait(command)
         except trio.WouldBlock:
@@ -164,8 +172,13 @@ class RoomTask:
 
     def _apply(self, command: _Command) -> None:
         room = self.room
+        observer = self._observer
+        present = len(room.seats)  # any command may end in members leaving: a relay by evicting them
         if isinstance(command, _Relay):
-            room.relay(command.sender_id, command.to, command.text, command.request_id)
+            error = room.relay(command.sender_id, command.to, command.text, command.request_id)
+            observer.delivered(command.received_at)
+            if error is not None:
+                observer.error_sent(error)
         elif isinstance(command, _Join):
             peer_id = command.member.peer_id
             token = new_resume_token(room.id, peer_id) if room.resume_grace > 0 else None
@@ -173,7 +186,10 @@ class RoomTask:
                 command.member, self._clock(), command.request_id, command.ice_servers, resume_token=token
             )
             command.done.set()
-            if command.joined:
+            if not command.joined:
+                observer.error_sent(m.ROOM_FULL)  # the one reason a room refuses a member
+            else:
+                present += 1
                 log.info(
                     "room %s: %s joined as %r (%d present)",
                     room.id,
@@ -193,13 +209,14 @@ class RoomTask:
             peer_id = command.member.peer_id
             if isinstance(command, _Suspend):
                 room.suspend(command.member, trio.current_time(), command.unsent, command.max_bytes)
-                if peer_id in room.suspended:
-                    log.info("room %s: %s lost its connection; seat kept for %g s", room.id, peer_id, room.resume_grace)
-                    return
             else:
                 room.leave(command.member)
-            if peer_id not in room.seats:
+            if peer_id in room.suspended:
+                log.info("room %s: %s lost its connection; seat kept for %g s", room.id, peer_id, room.resume_grace)
+            elif peer_id not in room.seats:
                 log.info("room %s: %s left (%d present)", room.id, peer_id, room.participant_count)
+        if len(room.seats) < present:
+            observer.left(present - len(room.seats))
 
     def _holds_seat(self, member: Member) -> bool:
         """Whether ``member``'s connection speaks for its seat (see :meth:`Room.leave`)."""
@@ -239,8 +256,10 @@ class RoomTask:
                 # Reached with the channel empty and no await since it was seen empty.
                 now = trio.current_time()
                 if room.suspended and room.next_expiry <= now:
+                    present = len(room.seats)
                     for peer_id in room.expire(now):
                         log.info("room %s: %s left, not back within %g s", room.id, peer_id, room.resume_grace)
+                    self._observer.left(present - len(room.seats))
                 if room.seats:
                     continue
                 if not room.persistent or (idle_since is not None and now >= idle_since + self._idle_ttl):
@@ -269,8 +288,10 @@ class RoomHub:
         store: RoomStore | None = None,
         ice: IceServers | None = None,
         retired_tokens: int = RETIRED_TOKENS,
+        observer: Observer | None = None,
     ) -> None:
         self.config = config
+        self._observer = observer or Observer()
         #: The ICE servers members get (with TURN credentials of their own when configured).
         self.ice = ice or IceServers()
         self._nursery = nursery
@@ -338,7 +359,7 @@ class RoomHub:
             resume_buffer=self.config.resume_buffer,
             token_retired=self._retire,
         )
-        task = RoomTask(room, self.config.idle_ttl, self._clock)
+        task = RoomTask(room, self.config.idle_ttl, self._clock, self._observer)
         self._rooms[room_id] = task
         self._nursery.start_soon(task.run, self, name=f"room {room_id}")
         log.info("room %s: created (%s)", room_id, how)
@@ -356,24 +377,27 @@ class RoomHub:
         Returns the room task to send later commands to, or None when the join was refused
         (the member has been sent the error).
         """
+        started = trio.current_time()
         # Minted here, in the joiner's task, so the room task spends no time on HMACs.
         ice_servers = self.ice.for_member(member.peer_id) if self.ice.mints else None
         while True:
             task = self._rooms.get(room_id)
             if task is None:
                 if not self.config.auto_create:
-                    member.deliver(m.encode_error(m.ROOM_NOT_FOUND, f"room {room_id} does not exist", request_id))
-                    return None
+                    return self._refuse(member, m.ROOM_NOT_FOUND, f"room {room_id} does not exist", request_id, started)
                 if self.at_capacity:
-                    refusal = TooManyRooms(self.config.max_rooms)
-                    member.deliver(m.encode_error(m.TOO_MANY_ROOMS, str(refusal), request_id))
-                    return None
+                    refusal = str(TooManyRooms(self.config.max_rooms))
+                    return self._refuse(member, m.TOO_MANY_ROOMS, refusal, request_id, started)
                 task = self._start(room_id, room_id, self.config.max_participants, "join")
             try:
                 joined = await task.join(member, request_id, ice_servers)
             except trio.BrokenResourceError:
                 continue  # that room just ended; look again (a new one may be created)
-            return task if joined else None
+            if joined:
+                self._observer.joined(started)
+                return task
+            self._observer.join_refused(started)
+            return None
 
     async def resume(
         self, token: str, connect: Callable[[str, str], Member], request_id: m.RequestId = None
@@ -404,3 +428,8 @@ class RoomHub:
         self._retired[token] = why
         if len(self._retired) > self._retired_cap:
             del self._retired[next(iter(self._retired))]
+
+    def _refuse(self, member: Member, code: str, text: str, request_id: m.RequestId, started: float) -> None:
+        member.deliver(m.encode_error(code, text, request_id))
+        self._observer.error_sent(code)
+        self._observer.join_refused(started)

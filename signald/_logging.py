@@ -22,6 +22,7 @@ from typing import TextIO
 
 from ._config import LogConfig
 from ._ids import format_timestamp
+from ._limits import TokenBucket
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 #: syslog priorities, as journald reads them from a ``<N>`` line prefix.
@@ -78,3 +79,33 @@ def setup(config: LogConfig, environ: Mapping[str, str], stream: TextIO | None =
     if isinstance(handler, logging.StreamHandler):
         handler.setStream(stream)
     handler.setFormatter(Formatter(json_lines=config.format == "json", journal=writes_to_journal(environ, stream)))
+
+
+class Throttled:
+    """Lines of one kind that a client can cause at will (a refused upgrade), at most ``burst`` at
+    once and ``rate`` per second after that, so a flood of them cannot fill the journal.
+
+    The lines held back are counted, and the next line that goes out says how many there were:
+    the operator learns that the flood happened without reading every line of it.
+    """
+
+    def __init__(self, logger: logging.Logger, rate: float, burst: int) -> None:
+        self._logger = logger
+        self._rate, self._burst = rate, burst
+        #: Filled at the first line, whose ``now`` is the first the clock gives us.
+        self._bucket: TokenBucket | None = None
+        self.held_back = 0
+
+    def log(self, now: float, level: int, message: str, *args: object) -> None:
+        if not self._logger.isEnabledFor(level):
+            return
+        if self._bucket is None:
+            self._bucket = TokenBucket.full(self._rate, self._burst, now)
+        if not self._bucket.take(now):
+            self.held_back += 1
+            return
+        if self.held_back:
+            message += " (and %d more like it not logged)"
+            args = (*args, self.held_back)
+            self.held_back = 0
+        self._logger.log(level, message, *args)

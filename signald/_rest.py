@@ -88,7 +88,8 @@ def room_json(room: Room, *, with_participants: bool = False) -> dict[str, Any]:
 
 class RestApi:
     """Routes: GET /health, GET/POST /api/rooms, GET /api/rooms/<id>, GET /api/ice-servers,
-    the demo's files when ``demo.enabled``, plus CORS preflight. (``/ws`` is ``_upgrade``'s.)"""
+    the demo's files when ``demo.enabled``, GET /metrics when given ``metrics`` (the exposition
+    and its Content-Type), plus CORS preflight. (``/ws`` is ``_upgrade``'s.)"""
 
     def __init__(
         self,
@@ -98,6 +99,7 @@ class RestApi:
         room_creations: BucketsByKey,
         clock: Callable[[], datetime] = utc_now,
         monotonic: Callable[[], float] = time.monotonic,
+        metrics: Callable[[], tuple[bytes, str]] | None = None,
     ) -> None:
         self._config = config
         self._cors = CorsPolicy(config.cors.allowed_origins)
@@ -110,6 +112,7 @@ class RestApi:
         self._monotonic = monotonic
         self._api_keys = ApiKeys(config.auth.api_keys)
         self._room_creations = room_creations
+        self._metrics = metrics
 
     def _route(self, path: str) -> tuple[tuple[str, ...], Callable[[HttpRequest], HttpResponse]] | None:
         """The methods a path allows and the handler for them, or None if no such path."""
@@ -122,6 +125,8 @@ class RestApi:
             return ("GET",), lambda request: self._room(room_id)
         if path == "/api/ice-servers":
             return ("GET",), lambda request: json_response(200, self._ice_servers)
+        if path == "/metrics" and self._metrics is not None:
+            return ("GET",), self._exposition
         asset = self._assets.get(path)
         if asset is not None:
             return ("GET",), lambda request: HttpResponse(*asset.respond(request.headers.get("if-none-match")))
@@ -221,3 +226,13 @@ class RestApi:
         if room is None:
             return error_response(404, "room-not-found", f"room {room_id[:64]} does not exist")
         return json_response(200, room_json(room, with_participants=True))
+
+    def _exposition(self, request: HttpRequest) -> HttpResponse:
+        assert self._metrics is not None
+        return exposition_response(self._metrics)
+
+
+def exposition_response(render: Callable[[], tuple[bytes, str]]) -> HttpResponse:
+    """GET /metrics: what ``render`` gives, the exposition and its Content-Type."""
+    body, content_type = render()
+    return HttpResponse(200, [("Content-Type", content_type), ("Cache-Control", "no-store")], body)

@@ -241,23 +241,24 @@ class Room:
         self._settle()
         return ended
 
-    def relay(self, sender_id: str, to: str, text: bytes, request_id: m.RequestId = None) -> None:
+    def relay(self, sender_id: str, to: str, text: bytes, request_id: m.RequestId = None) -> str | None:
         """Deliver a pre-encoded relay frame from ``sender_id`` to ``to``, if both are here.
 
-        A suspended addressee is still here: the frame is kept for it.
+        A suspended addressee is still here: the frame is kept for it. Returns the code of the
+        error the sender was answered with instead (``peer-not-found``), if any.
         """
         sender = self.seats.get(sender_id)
         if sender is None:
-            return  # evicted while its frame was in flight: nobody to answer
+            return None  # evicted while its frame was in flight: nobody to answer
         target = self.seats.get(to)
+        error = None
         if target is None:
-            self._deliver(
-                sender,
-                m.encode_error(m.PEER_NOT_FOUND, f"peer {to} is not in room {self.id}", request_id),
-            )
+            error = m.PEER_NOT_FOUND
+            self._deliver(sender, m.encode_error(error, f"peer {to} is not in room {self.id}", request_id))
         else:
             self._deliver(target, text)
         self._settle()
+        return error
 
     def _others(self, peer_id: str) -> list[tuple[str, str]]:
         return [(seat.member.peer_id, seat.member.username) for p, seat in self.seats.items() if p != peer_id]

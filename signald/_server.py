@@ -23,6 +23,7 @@ Nothing outlives ``serve``.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import socket
 from collections.abc import Mapping, Sequence
@@ -33,12 +34,14 @@ import trio
 from . import _upgrade
 from ._addresses import TrustedProxies
 from ._auth import JoinTokens
-from ._config import Config, ConfigError, reloaded
-from ._connection import Admission, HttpConnection, Stream
+from ._config import Config, ConfigError, reloaded, split_bind
+from ._connection import Admission, Host, HttpConnection, Stream
 from ._cors import CorsPolicy
 from ._hub import RoomHub
 from ._limits import BucketsByKey, ConnectionCounter
-from ._rest import HttpRequest, HttpResponse, RestApi
+from ._logging import Throttled
+from ._metrics import Metrics, Observer, State
+from ._rest import HttpRequest, HttpResponse, RestApi, error_response, exposition_response
 from ._startup import tls_context
 from ._store import open_room_store
 from ._transport import WebSocket
@@ -51,6 +54,10 @@ log = logging.getLogger("signald")
 #: listener (as in trio.serve_listeners): wait a moment and accept again.
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_RETRY_SECONDS = 0.1
+#: Refused upgrades logged at most this many at once, then this many per second: anyone can
+#: cause them, as fast as they can send requests (``_logging.Throttled``).
+REFUSALS_LOGGED_BURST = 10
+REFUSALS_LOGGED_RATE = 0.2
 
 
 class Server:
@@ -75,6 +82,12 @@ class Server:
         self.connections = ConnectionCounter(config.limits.max_connections, config.limits.max_connections_per_ip)
         self.room_creations = BucketsByKey(config.limits.room_create_rate, config.limits.room_create_burst)
         self.tokens = JoinTokens(config.auth.secret) if config.auth.secret else None
+        self._metrics = Metrics(self._state) if config.metrics.enabled else None
+        #: What every part of the server reports to: the metrics, or nobody (``metrics.enabled`` false).
+        self.observer: Observer = self._metrics or Observer()
+        #: The port of the ``metrics.bind`` listener, once serving.
+        self.metrics_port: int | None = None
+        self._refusals = Throttled(logging.getLogger("signald.http"), REFUSALS_LOGGED_RATE, REFUSALS_LOGGED_BURST)
 
     @property
     def hub(self) -> RoomHub:
@@ -100,13 +113,32 @@ class Server:
             method, headers, client, draining=self.draining, cors=self._cors, connections=self.connections
         )
         if refusal is not None:
+            self._refused(refusal, headers.get("origin"), client)
             return refusal
         limits = self.config.limits  # an open WebSocket keeps the limits it began with
 
         async def run(stream: Stream, early: bytes, remote: str) -> None:
-            await self._serve_websocket(WebSocket(stream, early, self._hub, limits, remote, self.tokens))
+            websocket = WebSocket(stream, early, self._hub, limits, remote, self.tokens, self.observer)
+            await self._serve_websocket(websocket)
 
         return Admission(self.connections.hold(client), run)
+
+    def _refused(self, refusal: HttpResponse, origin: str | None, client: str) -> None:
+        """Count and log a refused upgrade: a wrong ``cors.allowed_origins`` or a cap set too low
+        shows only as browsers failing to connect, so the operator must be able to see why."""
+        error = json.loads(refusal.body)  # every refusal is an error_response
+        self.observer.refused(error["error"])
+        level = logging.WARNING if error["error"] == "origin-not-allowed" else logging.INFO
+        self._refusals.log(
+            trio.current_time(),
+            level,
+            "%s: WebSocket upgrade refused (%d %s, origin %.200r): %s",
+            client,
+            refusal.status,
+            error["error"],
+            origin,
+            error["message"],
+        )
 
     async def _serve_websocket(self, websocket: WebSocket) -> None:
         self._websockets.add(websocket)
@@ -139,7 +171,18 @@ class Server:
         # /health speaks for the port. Under socket activation the port stays served while a
         # process drains (its successor takes the backlog), so what the draining process still
         # answers says "healthy"; only a port that is going away says "shutting-down".
-        return RestApi(self.config, self._hub, lambda: self.draining and not self._inherited, self.room_creations)
+        # With metrics.bind, /metrics is served on that listener only, never on the public port.
+        metrics = self._metrics.render if self._metrics is not None and not self.config.metrics.bind else None
+        return RestApi(
+            self.config,
+            self._hub,
+            lambda: self.draining and not self._inherited,
+            self.room_creations,
+            metrics=metrics,
+        )
+
+    def _state(self) -> State:
+        return State(len(self._websockets), len(self._hub), self._hub.user_count)
 
     def status(self) -> str:
         """One line for ``systemctl status``."""
@@ -155,7 +198,14 @@ class Server:
         except OSError as exc:
             raise ConfigError("server.port", f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
-    def _opened(self, stream: Stream) -> tuple[HttpConnection, str]:
+    async def _listen_for_metrics(self, bind: str) -> list[trio.SocketListener]:
+        host, port = split_bind(bind)
+        try:
+            return await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise ConfigError("metrics.bind", f"cannot listen on {bind}: {exc.strerror or exc}") from None
+
+    def _opened(self, stream: Stream, http_host: Host) -> tuple[HttpConnection, str]:
         """A connection just accepted, counted as open from now on, and its "host:port"."""
         transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
         try:
@@ -163,7 +213,7 @@ class Server:
         except OSError:
             host, port = "?", 0
         remote = f"{host}:{port}"
-        connection = HttpConnection(self, stream, host, remote)
+        connection = HttpConnection(http_host, stream, host, remote)
         self._connections.add(connection)
         return connection, remote
 
@@ -180,7 +230,7 @@ class Server:
 
     async def _accept(
         self,
-        listeners: Sequence[trio.abc.Listener[Any]],
+        listeners: Sequence[tuple[trio.abc.Listener[Any], Host]],
         connections: trio.Nursery,
         *,
         task_status: trio.TaskStatus[trio.CancelScope],
@@ -188,15 +238,16 @@ class Server:
         """Accept into ``connections`` until the scope handed to ``task_status`` is cancelled.
 
         The connections run in the caller's nursery, so cancelling the scope stops accepting
-        and nothing else.
+        and nothing else. Each listener's connections are served by its ``Host``: the server, or
+        the ``metrics.bind`` endpoint.
         """
         with trio.CancelScope() as accepting:
             task_status.started(accepting)
             async with trio.open_nursery() as nursery:
-                for listener in listeners:
-                    nursery.start_soon(self._accept_one, listener, connections)
+                for listener, http_host in listeners:
+                    nursery.start_soon(self._accept_one, listener, http_host, connections)
 
-    async def _accept_one(self, listener: trio.abc.Listener[Any], connections: trio.Nursery) -> None:
+    async def _accept_one(self, listener: trio.abc.Listener[Any], http_host: Host, connections: trio.Nursery) -> None:
         """Not trio.serve_listeners: a connection must count as open from the moment it is
         accepted, before its task first runs, or a drain that starts in between would find
         no connection, end at once, and cut the one whose task then starts.
@@ -210,25 +261,34 @@ class Server:
                 log.error("cannot accept a connection: %s; retrying in %.1f s", exc.strerror, ACCEPT_RETRY_SECONDS)
                 await trio.sleep(ACCEPT_RETRY_SECONDS)
                 continue
-            connections.start_soon(self._handle, *self._opened(stream))
+            connections.start_soon(self._handle, *self._opened(stream, http_host))
 
     async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until ``shutdown()``, then drain; ``task_status.started`` once accepting."""
         server_config = self.config.server
         tls = tls_context(server_config)
         async with open_room_store(self.config.storage.path) as store, trio.open_nursery() as rooms:
-            self._hub = RoomHub(self.config.rooms, rooms, store=store, ice=IceServers.from_config(self.config.ice))
+            ice = IceServers.from_config(self.config.ice)
+            self._hub = RoomHub(self.config.rooms, rooms, store=store, ice=ice, observer=self.observer)
             for saved in store.saved if store is not None else ():
                 self._hub.restore(saved.id, saved.name, saved.max_participants, saved.created_at)
             self._rest = self._rest_api()
             listeners = await self._listen()
             self.port = listeners[0].socket.getsockname()[1]
+            served: list[tuple[trio.abc.Listener[Any], Host]] = [
+                (listener if tls is None else trio.SSLListener(listener, tls, https_compatible=True), self)
+                for listener in listeners
+            ]
+            metrics_listeners: list[trio.SocketListener] = []
+            if self._metrics is not None:
+                rooms.start_soon(self._metrics.watch_event_loop)
+                if self.config.metrics.bind:
+                    metrics_listeners = await self._listen_for_metrics(self.config.metrics.bind)
+                    self.metrics_port = metrics_listeners[0].socket.getsockname()[1]
+                    endpoint = _MetricsEndpoint(self, self._metrics)
+                    served += [(listener, endpoint) for listener in metrics_listeners]
+                    log.info("metrics on %s", ", ".join(_address(listener.socket) for listener in metrics_listeners))
             async with trio.open_nursery() as connections:
-                served: Sequence[trio.abc.Listener[Any]] = (
-                    listeners
-                    if tls is None
-                    else [trio.SSLListener(listener, tls, https_compatible=True) for listener in listeners]
-                )
                 accepting = await connections.start(self._accept, served, connections)
                 log.info(
                     "listening on %s%s%s",
@@ -243,7 +303,7 @@ class Server:
                 # connection is accepted after this). Closing drops only our descriptor of a
                 # socket from systemd: it keeps listening.
                 accepting.cancel()
-                for listener in listeners:
+                for listener in (*listeners, *metrics_listeners):
                     await listener.aclose()
                 log.info(
                     "shutting down: stopped accepting; closing %d WebSocket(s), finishing %d HTTP connection(s)",
@@ -268,3 +328,37 @@ class Server:
 def _address(sock: trio.socket.SocketType) -> str:
     host, port, *_ = sock.getsockname()
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _MetricsEndpoint:
+    """The ``Host`` of the ``metrics.bind`` listener: GET /metrics, and nothing else at all."""
+
+    def __init__(self, server: Server, metrics: Metrics) -> None:
+        self._server = server
+        self._metrics = metrics
+
+    @property
+    def request_timeout(self) -> float:
+        return self._server.request_timeout
+
+    @property
+    def draining(self) -> bool:
+        return self._server.draining
+
+    def client_key(self, peer_host: str, forwarded_for: str | None) -> str:
+        return peer_host
+
+    def cors_headers(self, origin: str | None) -> list[tuple[str, str]]:
+        return []  # for Prometheus, not for pages in browsers
+
+    def respond(self, request: HttpRequest) -> HttpResponse:
+        if request.path != "/metrics":
+            return error_response(404, "not-found", f"no such path: {request.path[:200]}; this port serves /metrics")
+        if request.method != "GET":
+            return error_response(
+                405, "method-not-allowed", f"{request.method} is not allowed here; use GET", [("Allow", "GET")]
+            )
+        return exposition_response(self._metrics.render)
+
+    def admit(self, method: str, headers: Mapping[str, str], client: str) -> HttpResponse | Admission:
+        return error_response(404, "not-found", "no WebSockets on this port: it serves /metrics")

@@ -29,6 +29,9 @@ Out:
   before it feeds the next one;
 * ``deadline``: when the shell must call ``timer`` next; ``done``: the shell may close the socket.
 
+What it decides (a relay of some type, an error code, an eviction) is also told to its
+:class:`~signald._metrics.Observer`, which counts it in memory or ignores it: no I/O either.
+
 Rule 2: the room hears at once how a connection ended, in the same step the session decides
 it, not after the close handshake has run its course. Ended on purpose (``leave-room``, the
 client's close with 1000, 1001 or no code, or the server's close for shutdown, eviction, rate, a
@@ -62,6 +65,7 @@ from ._auth import JoinTokens
 from ._config import LimitsConfig
 from ._ids import new_peer_id, resume_token_seat
 from ._limits import MessageRate, Verdict
+from ._metrics import Observer
 from ._outbox import Close, Outbox, Ping
 from ._room import Member
 from ._turn import IceServers
@@ -83,7 +87,9 @@ class RoomHandle(Protocol):
 
     async def suspend(self, member: Member, unsent: list[bytes], max_bytes: int) -> None: ...
 
-    async def relay(self, sender_id: str, to: str, text: bytes, request_id: m.RequestId) -> None: ...
+    async def relay(
+        self, sender_id: str, to: str, text: bytes, request_id: m.RequestId, received_at: float
+    ) -> None: ...
 
 
 @attrs.frozen
@@ -141,6 +147,8 @@ class Relay:
     to: str
     text: bytes
     request_id: m.RequestId
+    #: The ``now`` of the read that brought the frame: where the relay time (metrics) starts.
+    received_at: float
 
 
 Command = Join | Resume | Leave | Suspend | Relay
@@ -165,6 +173,7 @@ class Session:
         new_id: Callable[[], str] = new_peer_id,
         ice: IceServers | None = None,
         on_superseded: Callable[[], list[bytes]] = list,
+        observer: Observer | None = None,
     ) -> None:
         self._limits = limits
         self._ice = ice or IceServers()
@@ -173,6 +182,7 @@ class Session:
         self._tokens = tokens
         self._new_id = new_id
         self._on_superseded = on_superseded
+        self._observer = observer or Observer()
         self._rate = MessageRate(limits.message_rate, limits.message_burst, limits.rate_limit_close_after, now)
         self._bounds = m.Bounds(
             username=limits.max_username_length,
@@ -253,8 +263,9 @@ class Session:
                 else:
                     sender = self._member.peer_id
                     log.debug("%s: %s %s -> %s", self.remote, message.type, sender, message.to)
+                    self._observer.relayed(message.type)
                     text = m.encode_relay(message, sender)
-                    self.commands.append(Relay(self._room, sender, message.to, text, message.request_id))
+                    self.commands.append(Relay(self._room, sender, message.to, text, message.request_id, now))
             case m.JoinRoom():
                 self._join(message)
             case m.LeaveRoom():
@@ -305,6 +316,7 @@ class Session:
 
     def _reply_error(self, code: str, text: str, request_id: m.RequestId = None) -> None:
         self.outbox.push(m.encode_error(code, text, request_id))
+        self._observer.error_sent(code)
 
     def member_for(self, peer_id: str, username: str) -> LocalMember:
         """The member this connection is, in a join or in a resume (the room picks its id then)."""
@@ -408,6 +420,7 @@ class Session:
     def overflowed(self, now: float) -> None:
         """The outbox refused a frame: the client is not reading. Evict it (its room has already)."""
         log.warning("%s: evicted, more than %d bytes unsent", self.remote, self._limits.send_queue_bytes)
+        self._observer.evicted()
         self.close(CLOSE_POLICY, "send queue overflow: client is not reading", now)
 
     def failed(self, code: int, reason: str, now: float) -> None:

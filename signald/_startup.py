@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 import ssl
 
-from ._config import Config, ConfigError, ServerConfig
+from ._config import Config, ConfigError, ServerConfig, split_bind
 
 
 def _read(key: str, path: str) -> str:
@@ -72,7 +72,20 @@ def resolve_listen_address(config: ServerConfig) -> None:
         ) from None
 
 
+def resolve_metrics_address(bind: str) -> None:
+    """``metrics.bind``'s host must resolve too, or /metrics would fail only at start."""
+    host, port = split_bind(bind)
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(
+            "metrics.bind", f"cannot resolve {host!r} to an address to listen on: {exc.strerror}"
+        ) from None
+
+
 def check(config: Config) -> None:
-    """Load the TLS certificate and key and resolve the listen address, as starting would."""
+    """Load the TLS certificate and key and resolve the listen addresses, as starting would."""
     tls_context(config.server)
     resolve_listen_address(config.server)
+    if config.metrics.enabled and config.metrics.bind:
+        resolve_metrics_address(config.metrics.bind)

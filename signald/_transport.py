@@ -28,6 +28,7 @@ import trio
 from ._auth import JoinTokens
 from ._config import LimitsConfig
 from ._hub import ResumeFailed, RoomHub
+from ._metrics import Observer
 from ._outbox import Close, Item, Outbox, Ping, Raw
 from ._session import Join, Leave, LocalMember, Resume, Session, State, Suspend
 from ._websocket import Binary, Closed, Codec, Pong, text_frame
@@ -77,8 +78,12 @@ class WebSocket:
         limits: LimitsConfig,
         remote: str,
         tokens: JoinTokens | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self._stream = stream
+        self._observer = observer or Observer()
+        #: The code of the client's close frame, when it closed first.
+        self._peer_close_code: int | None = None
         _let_the_kernel_buffer(stream)
         self._early = early
         self._hub = hub
@@ -86,7 +91,14 @@ class WebSocket:
         self._codec = Codec(limits.max_message_bytes)
         self.outbox = Outbox(limits.send_queue_bytes, self._overflowed)
         self.session = Session(
-            limits, self.outbox, trio.current_time(), remote, tokens, ice=hub.ice, on_superseded=self._superseded
+            limits,
+            self.outbox,
+            trio.current_time(),
+            remote,
+            tokens,
+            ice=hub.ice,
+            on_superseded=self._superseded,
+            observer=self._observer,
         )
         self.remote = remote
         #: The reader's current cancel scope: cancelled to make it look at the session now.
@@ -128,6 +140,8 @@ class WebSocket:
             self.session.socket_closed(trio.current_time())
             with trio.CancelScope(shield=True):
                 await self._carry_out()
+            code = self.session.close_code
+            self._observer.closed(code if code is not None else self._peer_close_code)
             log.info("%s: disconnected", self.remote)
 
     async def _reader(self) -> None:
@@ -170,6 +184,7 @@ class WebSocket:
                 session.text(event, now)
             elif isinstance(event, Closed):
                 if event.by_peer:
+                    self._peer_close_code = event.code
                     session.peer_closed(event.code, now)
                 else:
                     session.failed(event.code, event.reason, now)
@@ -214,7 +229,9 @@ class WebSocket:
                     with trio.CancelScope(shield=True):
                         await command.room.suspend(command.member, command.unsent, command.max_bytes)
                 else:
-                    await command.room.relay(command.sender_id, command.to, command.text, command.request_id)
+                    await command.room.relay(
+                        command.sender_id, command.to, command.text, command.request_id, command.received_at
+                    )
 
     async def _writer(self) -> None:
         outbox, stream = self.outbox, self._stream

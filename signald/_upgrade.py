@@ -18,14 +18,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import logging
 from collections.abc import Mapping
 
 from ._cors import CorsPolicy
 from ._limits import ConnectionCounter, Refusal
 from ._rest import HttpResponse, error_response
-
-log = logging.getLogger("signald.http")
 
 PATH = "/ws"
 #: RFC 6455 section 1.3: appended to the client's key, hashed, and sent back as proof.
@@ -84,7 +81,6 @@ def refusal(
         return error_response(400, "bad-upgrade", "Sec-WebSocket-Key must be 16 bytes in base64", cors_headers)
     capped = connections.refusal(client)
     if capped is Refusal.ADDRESS:
-        log.info("%s: connection refused, %d open from this address", client, connections.count(client))
         return error_response(
             429,
             "too-many-connections",
@@ -92,7 +88,6 @@ def refusal(
             cors_headers,
         )
     if capped is Refusal.SERVER:
-        log.info("connection from %s refused, %d open in total", client, connections.total)
         return error_response(503, "server-full", "the server has as many connections as it takes", cors_headers)
     return None
 

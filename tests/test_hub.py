@@ -10,6 +10,7 @@ import trio.testing
 
 from signald._config import RoomsConfig
 from signald._hub import BATCH, ResumeFailed, RoomHub, RoomTask, _Leave
+from signald._metrics import Observer
 
 from .test_room import FakeMember
 
@@ -106,7 +107,7 @@ async def test_many_relays_are_applied_in_order_across_batches() -> None:
         _, task = await _seated_pair(nursery, a, b)
         count = BATCH * 3 + 7
         for i in range(count):
-            await task.relay("a", "b", json.dumps({"type": "webrtc-offer", "n": i}), None)
+            await task.relay("a", "b", json.dumps({"type": "webrtc-offer", "n": i}), None, trio.current_time())
         await trio.testing.wait_all_tasks_blocked()
         assert [f["n"] for f in b.frames if f["type"] == "webrtc-offer"] == list(range(count))
         nursery.cancel_scope.cancel()
@@ -117,7 +118,7 @@ async def test_relay_behind_a_pending_command_keeps_the_channel_order() -> None:
         a, b = FakeMember("a", "A"), FakeMember("b", "B")
         _, task = await _seated_pair(nursery, a, b)
         task._send.send_nowait(_Leave(b))  # handed to the room task, not applied yet
-        await task.relay("a", "b", json.dumps({"type": "webrtc-offer"}), "q")
+        await task.relay("a", "b", json.dumps({"type": "webrtc-offer"}), "q", trio.current_time())
         await trio.testing.wait_all_tasks_blocked()
         assert b.types() == ["joined-room"]
         assert a.frames[-1] == {
@@ -134,7 +135,7 @@ async def test_relay_that_evicts_everyone_ends_the_room() -> None:
         a, b = FakeMember("a", "A", capacity=2), FakeMember("b", "B", capacity=1)
         hub, task = await _seated_pair(nursery, a, b)
         # a's peer-not-found overflows a; telling b that a left overflows b: nobody is left.
-        await task.relay("a", "gone", json.dumps({"type": "webrtc-offer"}), None)
+        await task.relay("a", "gone", json.dumps({"type": "webrtc-offer"}), None, trio.current_time())
         await trio.testing.wait_all_tasks_blocked()
         assert not task.room.seats
         assert hub.get("r") is None
@@ -233,7 +234,7 @@ async def test_resume_through_the_hub_rotates_the_token_and_says_why_old_ones_fa
         first = token_of(a)
         assert first != token_of(b) and len(first.split(".")[2]) == 32  # 192 random bits
         await task.suspend(a, [], LIMIT)
-        await task.relay("b", "a", json.dumps({"type": "webrtc-offer", "n": 1}), None)
+        await task.relay("b", "a", json.dumps({"type": "webrtc-offer", "n": 1}), None, trio.current_time())
         resumed_task, a2 = await hub.resume(first, FakeMember, "rq")
         assert resumed_task is task and isinstance(a2, FakeMember)
         assert a2.types() == ["resumed", "webrtc-offer"]
@@ -288,4 +289,60 @@ async def test_why_a_token_failed_is_remembered_within_a_bound() -> None:
         for token in tokens[1:]:
             with pytest.raises(ResumeFailed, match="the member left the room"):
                 await hub.resume(token, FakeMember)
+
+
+class Recorder(Observer):
+    """An observer that writes down what the hub and its room tasks report."""
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[str, object]] = []
+
+    def delivered(self, received_at: float) -> None:
+        self.reports.append(("delivered", received_at))
+
+    def joined(self, started_at: float) -> None:
+        self.reports.append(("joined", None))
+
+    def join_refused(self, started_at: float) -> None:
+        self.reports.append(("join_refused", None))
+
+    def left(self, members: int) -> None:
+        self.reports.append(("left", members))
+
+    def error_sent(self, code: str) -> None:
+        self.reports.append(("error_sent", code))
+
+
+async def test_the_hub_reports_joins_refusals_relays_and_every_way_of_leaving() -> None:
+    recorder = Recorder()
+    async with trio.open_nursery() as nursery:
+        hub = RoomHub(RoomsConfig(max_participants=2, max_rooms=1), nursery, observer=recorder)
+        a, b = FakeMember("a", "A", capacity=3), FakeMember("b", "B", capacity=100)
+        task = await hub.join("r", a)
+        assert task is not None and await hub.join("r", b) is not None
+        assert await hub.join("r", FakeMember("c", "C")) is None  # full
+        assert await hub.join("other", FakeMember("d", "D")) is None  # max_rooms
+        await task.relay("b", "a", "{}", None, 12.5)
+        await task.relay("b", "nobody", "{}", None, 13.0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert recorder.reports == [
+            ("joined", None),
+            ("joined", None),
+            ("error_sent", "room-full"),
+            ("join_refused", None),
+            ("error_sent", "too-many-rooms"),
+            ("join_refused", None),
+            ("delivered", 12.5),
+            ("delivered", 13.0),
+            ("error_sent", "peer-not-found"),
+        ]
+        recorder.reports.clear()
+        await task.relay("b", "a", "{}", None, 14.0)  # a fourth frame for a, which holds three: evicted
+        await trio.testing.wait_all_tasks_blocked()
+        assert recorder.reports == [("delivered", 14.0), ("left", 1)]
+        recorder.reports.clear()
+        await task.leave(b)
+        await task.leave(b)  # not there any more: nobody left
+        await trio.testing.wait_all_tasks_blocked()
+        assert recorder.reports == [("left", 1)]
         nursery.cancel_scope.cancel()

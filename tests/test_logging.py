@@ -129,3 +129,30 @@ def test_under_the_journal_even_the_fatal_line_has_a_priority(tmp_path: Path) ->
         )
     assert result.returncode == 2
     assert path.read_text() == "<3>signald: configuration error: --port: must be at most 65535, got 99999\n"
+
+
+def test_throttled_lines_stop_at_the_burst_and_say_how_many_were_held_back(caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("signald.http")
+    caplog.set_level(logging.INFO, logger="signald")
+    throttled = _logging.Throttled(log, rate=0.5, burst=3)
+    for n in range(10):  # a flood, all in one instant
+        throttled.log(100.0, logging.INFO, "refused %d", n)
+    assert [r.getMessage() for r in caplog.records] == ["refused 0", "refused 1", "refused 2"]
+    caplog.clear()
+    throttled.log(101.0, logging.INFO, "refused %d", 10)  # half a line refilled: still held back
+    throttled.log(102.0, logging.WARNING, "refused %d", 11)
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "refused 11 (and 8 more like it not logged)")
+    ]
+    caplog.clear()
+    throttled.log(104.0, logging.INFO, "refused %d", 12)
+    assert [r.getMessage() for r in caplog.records] == ["refused 12"]
+
+
+def test_throttled_lines_below_the_level_take_nothing_from_the_budget(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="signald")
+    throttled = _logging.Throttled(logging.getLogger("signald.http"), rate=0.001, burst=1)
+    for _ in range(5):
+        throttled.log(0.0, logging.INFO, "not shown at warning")
+    throttled.log(0.0, logging.WARNING, "shown")
+    assert [r.getMessage() for r in caplog.records] == ["shown"]

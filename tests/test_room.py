@@ -108,15 +108,17 @@ def test_relay_to_unknown_peer_errors_to_sender() -> None:
     r = room()
     a = FakeMember("a", "A")
     r.join(a, NOW)
-    r.relay("a", "ghost", "{}", "q")
+    assert r.relay("a", "ghost", "{}", "q") == m.PEER_NOT_FOUND  # what it answered, for the metrics
     assert a.frames[-1]["code"] == m.PEER_NOT_FOUND and a.frames[-1]["requestId"] == "q"
+    r.join(FakeMember("b", "B"), NOW)
+    assert r.relay("a", "b", "{}") is None
 
 
 def test_relay_from_non_member_is_dropped() -> None:
     r = room()
     b = FakeMember("b", "B")
     r.join(b, NOW)
-    r.relay("gone", "b", '{"type":"x"}')
+    assert r.relay("gone", "b", '{"type":"x"}') is None
     assert b.types() == ["joined-room"]
 
 

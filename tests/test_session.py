@@ -29,7 +29,7 @@ class FakeRoom:
     async def suspend(self, member: Member, unsent: list[str], max_bytes: int) -> None:
         raise AssertionError("the shell calls this, not the core")
 
-    async def relay(self, sender_id: str, to: str, text: str, request_id: m.RequestId) -> None:
+    async def relay(self, sender_id: str, to: str, text: bytes, request_id: m.RequestId, received_at: float) -> None:
         raise AssertionError("the shell calls this, not the core")
 
 
@@ -87,7 +87,7 @@ def test_join_then_relay_then_leave_are_room_commands_in_order() -> None:
     h.send(type="webrtc-offer", to=PEER, sdp="v=0", requestId=8)
     h.send(type="leave-room")
     relay, leave = h.commands()
-    assert relay == Relay(ROOM, "peer0", PEER, b'{"type":"webrtc-offer","from":"peer0","sdp":"v=0"}', 8)
+    assert relay == Relay(ROOM, "peer0", PEER, b'{"type":"webrtc-offer","from":"peer0","sdp":"v=0"}', 8, 0.0)
     assert leave == Leave(ROOM, join.member)
     assert h.session.peer_id is None
     h.send(type="webrtc-offer", to=PEER, sdp="v=0", requestId=9)

@@ -46,7 +46,7 @@ async def test_only_creating_and_removing_a_posted_room_reach_the_store(
         task = await hub.join(room.id, a)
         assert task is not None and await hub.join(room.id, b) is task
         for _ in range(10):
-            await task.relay("a", "b", '{"type":"ice-candidate"}', None)
+            await task.relay("a", "b", '{"type":"ice-candidate"}', None, trio.current_time())
         await task.leave(a)
         await task.leave(b)
         c = FakeMember("c", "C")
