@@ -223,13 +223,14 @@ async def test_reader_that_never_reads_is_evicted(server_factory: Callable[..., 
 
 async def test_connection_that_never_joins_is_closed_when_idle(server_factory: Callable[..., Any]) -> None:
     server = await server_factory(limits={"idle_timeout": 0.3})
-    async with honest_pair(server) as pair, connect(server.port) as loiterer:
-        started = trio.current_time()
-        await loiterer.roundtrip_ping()  # activity outside a room does not count
-        with pytest.raises(ConnectionClosed) as info, trio.fail_after(TIMEOUT):
-            await loiterer.ws.get_message()
-        assert info.value.reason.code == 1000 and "not in a room" in (info.value.reason.reason or "")
-        assert trio.current_time() - started >= 0.3
+    async with honest_pair(server) as pair:
+        started = trio.current_time()  # before the connection: its idle clock starts once accepted
+        async with connect(server.port) as loiterer:
+            await loiterer.roundtrip_ping()  # activity outside a room does not count
+            with pytest.raises(ConnectionClosed) as info, trio.fail_after(TIMEOUT):
+                await loiterer.ws.get_message()
+            assert info.value.reason.code == 1000 and "not in a room" in (info.value.reason.reason or "")
+            assert trio.current_time() - started >= 0.3
         await pair.exchange()  # members of a room are never idle, however long they wait
 
 
