@@ -93,6 +93,8 @@ class Server:
             return [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in self._inherited]
         host, port = self.config.server.host, self.config.server.port
         try:
+            if self.config.server.reuse_port:
+                return await _reuse_port_listeners(host, port)
             return await trio.open_tcp_listeners(port, host=host)
         except OSError as exc:
             raise ConfigError("server.port", f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
@@ -211,6 +213,34 @@ def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
             "server.tls_cert", f"cannot load {config.tls_cert} with {config.tls_key}: {problem}"
         ) from None
     return context
+
+
+async def _reuse_port_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """What ``trio.open_tcp_listeners`` does, plus SO_REUSEPORT on every socket.
+
+    With it, every signald on this machine listening on the same port gets its own accept
+    queue and the kernel spreads new connections over them, so N processes use N cores
+    without a proxy in front. trio has no option for it, hence these few lines.
+    """
+    listeners = []
+    for family, kind, proto, _, address in await trio.socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        sock = trio.socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            await sock.bind(address)
+            sock.listen(socket.SOMAXCONN)
+        except OSError:
+            sock.close()
+            for listener in listeners:
+                await listener.aclose()
+            raise
+        listeners.append(trio.SocketListener(sock))
+    return listeners
 
 
 def _address(sock: trio.socket.SocketType) -> str:
