@@ -199,7 +199,7 @@ class HttpConnection:
                     await self._upgrade(request)
                     return
                 headers = _header_map(request)
-                response = self._server.rest.handle(
+                response = await self._server.rest.handle(
                     HttpRequest(
                         request.method.decode("ascii"),
                         request.target.decode("latin-1"),

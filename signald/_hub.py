@@ -70,6 +70,39 @@ class TooManyRooms(Exception):
         super().__init__(f"the server has {limit} rooms, its limit; try again later")
 
 
+class ClusterUnavailable(Exception):
+    """Cluster mode: Redis cannot be reached, so what needs the whole cluster is refused."""
+
+
+@attrs.frozen
+class MemberInfo:
+    peer_id: str
+    username: str
+    joined_at: datetime
+
+
+@attrs.frozen
+class RoomInfo:
+    """What REST shows of a room: a copy, so that no handler holds a room task's live ``Room``."""
+
+    id: str
+    name: str
+    max_participants: int
+    created_at: datetime
+    participant_count: int
+    #: In join order; filled in only where a route shows them (GET /api/rooms/:id).
+    members: tuple[MemberInfo, ...] = ()
+
+    @classmethod
+    def of(cls, room: Room, *, with_members: bool = False) -> RoomInfo:
+        members = (
+            tuple(MemberInfo(seat.member.peer_id, seat.member.username, seat.joined_at) for seat in room.seats.values())
+            if with_members
+            else ()
+        )
+        return cls(room.id, room.name, room.max_participants, room.created_at, room.participant_count, members)
+
+
 class RoomTask:
     """A room, its channel, and the task that applies the channel's commands to it."""
 
@@ -124,11 +157,19 @@ class RoomTask:
             room.leave(command.peer_id)
             log.info("room %s: %s left (%d present)", room.id, command.peer_id, room.participant_count)
 
+    def _occupied(self) -> bool:
+        """Whether the room must stay, whatever its idle time."""
+        return bool(self.room.seats)
+
+    def _ends(self, deadline: float) -> bool:
+        """Whether an unoccupied room ends now (its channel is empty)."""
+        return not self.room.persistent or trio.current_time() >= deadline
+
     async def run(self, hub: RoomHub) -> None:
         idle_since = trio.current_time()
         with self._receive:
             while True:
-                deadline = idle_since + self._idle_ttl if not self.room.seats else math.inf
+                deadline = idle_since + self._idle_ttl if not self._occupied() else math.inf
                 # A cancel scope costs more than the rest of a wake-up: open one only to time out.
                 with trio.move_on_at(deadline) if deadline != math.inf else contextlib.nullcontext():
                     command = await self._receive.receive()
@@ -141,9 +182,9 @@ class RoomTask:
                     else:
                         continue  # more queued: apply it after a checkpoint, not now
                 # Reached with the channel empty (drained or timed out) and no await since.
-                if self.room.seats:
+                if self._occupied():
                     continue
-                if not self.room.persistent or trio.current_time() >= deadline:
+                if self._ends(deadline):
                     hub._forget(self)
                     log.info("room %s: removed (%s)", self.room.id, "idle" if self.room.persistent else "empty")
                     return
@@ -205,6 +246,28 @@ class RoomHub:
     @property
     def at_capacity(self) -> bool:
         return len(self._rooms) >= self.config.max_rooms
+
+    # What REST and /health ask. Async because in cluster mode (``_cluster.ClusterHub``) the
+    # answers come from Redis; here they are this process's rooms.
+
+    @property
+    def problem(self) -> str | None:
+        """Why the server cannot do all it should (shown by /health), or None."""
+        return None
+
+    async def rooms(self) -> list[RoomInfo]:
+        return [RoomInfo.of(task.room) for task in self._rooms.values()]
+
+    async def room(self, room_id: str) -> RoomInfo | None:
+        task = self._rooms.get(room_id)
+        return RoomInfo.of(task.room, with_members=True) if task is not None else None
+
+    async def create_room(self, name: str, max_participants: int | None = None) -> RoomInfo:
+        return RoomInfo.of(self.create(name, max_participants))
+
+    async def counts(self) -> tuple[int, int]:
+        """Rooms and members: the numbers /health shows."""
+        return len(self._rooms), self.user_count
 
     def restore(self, room_id: str, name: str, max_participants: int, created_at: datetime) -> Room:
         """Bring back a room the store kept across a restart; its idle time counts from now.

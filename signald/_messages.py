@@ -37,6 +37,8 @@ PEER_NOT_FOUND = "peer-not-found"
 RATE_LIMITED = "rate-limited"
 UNAUTHORIZED = "unauthorized"
 TOO_MANY_ROOMS = "too-many-rooms"
+#: Cluster mode only: Redis is unreachable, so joins and relays to members on other nodes fail.
+CLUSTER_UNAVAILABLE = "cluster-unavailable"
 
 RequestId = str | int | None
 

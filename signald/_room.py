@@ -54,9 +54,13 @@ class Room:
     def participant_count(self) -> int:
         return len(self.seats)
 
-    def join(self, member: Member, now: datetime, request_id: m.RequestId = None) -> bool:
-        """Seat ``member`` and tell everyone; False (and an error to the member) if full."""
-        if len(self.seats) >= self.max_participants:
+    def join(self, member: Member, now: datetime, request_id: m.RequestId = None, *, admitted: bool = False) -> bool:
+        """Seat ``member`` and tell everyone; False (and an error to the member) if full.
+
+        ``admitted``: the room's capacity was checked where its membership is decided (the
+        cluster's script in Redis), so this room only carries the decision out.
+        """
+        if not admitted and len(self.seats) >= self.max_participants:
             member.deliver(
                 m.encode_error(
                     m.ROOM_FULL,
