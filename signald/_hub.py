@@ -165,6 +165,9 @@ class RoomTask:
         """Whether an unoccupied room ends now (its channel is empty)."""
         return not self.room.persistent or trio.current_time() >= deadline
 
+    def _end_reason(self) -> str:
+        return "idle" if self.room.persistent else "empty"
+
     async def run(self, hub: RoomHub) -> None:
         idle_since = trio.current_time()
         with self._receive:
@@ -186,7 +189,7 @@ class RoomTask:
                     continue
                 if self._ends(deadline):
                     hub._forget(self)
-                    log.info("room %s: removed (%s)", self.room.id, "idle" if self.room.persistent else "empty")
+                    log.info("room %s: removed (%s)", self.room.id, self._end_reason())
                     return
                 if deadline == math.inf:
                     idle_since = trio.current_time()

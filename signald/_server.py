@@ -159,40 +159,52 @@ class Server:
 
     async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until ``shutdown()``, then drain; ``task_status.started`` once accepting."""
-        server_config = self.config.server
-        tls = tls_context(server_config)
-        async with open_room_store(self.config.storage.path) as store, trio.open_nursery() as rooms:
-            self._hub = RoomHub(self.config.rooms, rooms, store=store)
-            for saved in store.saved if store is not None else ():
-                self._hub.restore(saved.id, saved.name, saved.max_participants, saved.created_at)
-            self._rest = self._rest_api()
-            listeners = await self._listen()
-            self.port = listeners[0].socket.getsockname()[1]
-            async with trio.open_nursery() as connections:
-                if tls is None:
-                    connections.start_soon(trio.serve_listeners, self._handle, listeners)
-                else:
-                    secure = [trio.SSLListener(listener, tls, https_compatible=True) for listener in listeners]
-                    connections.start_soon(trio.serve_listeners, self._handle, secure)
-                log.info(
-                    "listening on %s%s%s",
-                    ", ".join(_address(listener.socket) for listener in listeners),
-                    " with TLS" if tls else "",
-                    " (sockets from systemd)" if self._inherited else "",
-                )
-                task_status.started(self)
-                await self._stop.wait()
-                self.draining = True
-                log.info("shutting down: closing %d WebSocket(s)", len(self._sessions))
-                for session in list(self._sessions):
-                    session.request_close(CLOSE_GOING_AWAY, "server shutting down")
-                if not self._sessions:
-                    self._sessions_gone.set()
-                with trio.move_on_after(server_config.shutdown_grace):
-                    await self._sessions_gone.wait()
-                connections.cancel_scope.cancel()
-            rooms.cancel_scope.cancel()
+        tls = tls_context(self.config.server)
+        if self.config.cluster.redis_url:
+            from ._cluster import open_cluster  # coredis is imported only in cluster mode
+
+            async with open_cluster(self.config) as cluster_hub, trio.open_nursery() as rooms:
+                await self._serve(cluster_hub(rooms), tls, task_status)
+                rooms.cancel_scope.cancel()
+        else:
+            async with open_room_store(self.config.storage.path) as store, trio.open_nursery() as rooms:
+                hub = RoomHub(self.config.rooms, rooms, store=store)
+                for saved in store.saved if store is not None else ():
+                    hub.restore(saved.id, saved.name, saved.max_participants, saved.created_at)
+                await self._serve(hub, tls, task_status)
+                rooms.cancel_scope.cancel()
         log.info("stopped")
+
+    async def _serve(self, hub: RoomHub, tls: ssl.SSLContext | None, task_status: trio.TaskStatus[Server]) -> None:
+        """Listen and serve with ``hub`` until ``shutdown()``, then drain."""
+        server_config = self.config.server
+        self._hub = hub
+        self._rest = self._rest_api()
+        listeners = await self._listen()
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as connections:
+            if tls is None:
+                connections.start_soon(trio.serve_listeners, self._handle, listeners)
+            else:
+                secure = [trio.SSLListener(listener, tls, https_compatible=True) for listener in listeners]
+                connections.start_soon(trio.serve_listeners, self._handle, secure)
+            log.info(
+                "listening on %s%s%s",
+                ", ".join(_address(listener.socket) for listener in listeners),
+                " with TLS" if tls else "",
+                " (sockets from systemd)" if self._inherited else "",
+            )
+            task_status.started(self)
+            await self._stop.wait()
+            self.draining = True
+            log.info("shutting down: closing %d WebSocket(s)", len(self._sessions))
+            for session in list(self._sessions):
+                session.request_close(CLOSE_GOING_AWAY, "server shutting down")
+            if not self._sessions:
+                self._sessions_gone.set()
+            with trio.move_on_after(server_config.shutdown_grace):
+                await self._sessions_gone.wait()
+            connections.cancel_scope.cancel()
 
 
 def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
