@@ -220,9 +220,11 @@ class ClusterRoomTask(RoomTask):
             for peer_id, seat in list(room.seats.items()):
                 if isinstance(seat.member, RemoteMember) and peer_id not in listed:
                     room.leave(peer_id)
+                    log.info("room %s: %s left (no longer in redis)", room.id, peer_id)
         for peer_id, username, node, joined_at, _ in entries:
             if peer_id not in room.seats and node != self._link.node:
                 room.join(RemoteMember(peer_id, username, node), datetime.fromisoformat(joined_at), admitted=True)
+                log.info("room %s: %s joined as %r on node %s (from redis)", room.id, peer_id, username, node)
 
     def _sync(self, prune: bool) -> None:
         room = self.room
@@ -378,4 +380,3 @@ async def open_cluster(config: Config) -> AsyncIterator[Callable[[trio.Nursery],
         yield lambda rooms: ClusterHub(config, rooms, link)
         link.closing = True
         nursery.cancel_scope.cancel()
-

@@ -554,4 +554,3 @@ def _first_message(group: BaseExceptionGroup[Any]) -> str:
         leaves = leaves[0].exceptions
     first = leaves[0] if leaves else group
     return str(first) or type(first).__name__
-

@@ -251,5 +251,3 @@ async def test_room_not_found_without_auto_create(start: Any) -> None:
         status, _, created = await http_request(ports[0], "POST", "/api/rooms", {"name": "made"})
         assert status == 201
         await a.join(created["id"], "a")
-
-

@@ -75,10 +75,10 @@ async def test_crash_in_one_connection_does_not_take_the_server_down(
     assert server.port
     original = RestApi.handle
 
-    def explode_on_boom(self: RestApi, request: Any) -> Any:
+    async def explode_on_boom(self: RestApi, request: Any) -> Any:
         if request.path == "/boom":
             raise RuntimeError("bug in a handler")
-        return original(self, request)
+        return await original(self, request)
 
     monkeypatch.setattr(RestApi, "handle", explode_on_boom)
     async with connect(server.port) as a:
