@@ -209,6 +209,10 @@ class ClusterRoomTask(RoomTask):
                 room.participant_count,
             )
         elif kind == "leave" and peer_id in room.seats:
+            if data.get("e") and not isinstance(room.seats[peer_id].member, RemoteMember):
+                # Swept as dead while alive (stalled past node_timeout): the member is still
+                # connected here, and the lapsed lease makes this node register it again.
+                return
             room.leave(peer_id)
             log.info("room %s: %s left (%d present)", room.id, peer_id, room.participant_count)
 

@@ -122,8 +122,9 @@ local function add(peer, username, joined_at)
   redis.call('SADD', node_rooms, room)
   return redis.call('HINCRBY', room_nodes, node, 1) == 1
 end
-local function remove(peer)
-  send_all({r = room, k = 'leave', p = peer})
+-- evicted: removed because its node's lease lapsed (a node that is alive after all keeps it).
+local function remove(peer, evicted)
+  send_all({r = room, k = 'leave', p = peer, e = evicted})
   redis.call('HDEL', members, peer)
   redis.call('DECR', users)
   if redis.call('HINCRBY', room_nodes, node, -1) <= 0 then
@@ -170,7 +171,7 @@ elseif op == 'leave' then
   -- 4 peer, 5 now (ms), 6 idle ttl (ms)
   local value = redis.call('HGET', members, ARGV[4])
   if not value or cjson.decode(value)[1] ~= node then return 0 end
-  remove(ARGV[4])
+  remove(ARGV[4], false)
   settle(ARGV[5], ARGV[6])
   return 1
 elseif op == 'evict' then
@@ -179,7 +180,7 @@ elseif op == 'evict' then
   local count = 0
   for _, m in ipairs(members_in_order()) do
     if m[3] == node then
-      remove(m[1])
+      remove(m[1], true)
       count = count + 1
     end
   end
@@ -201,7 +202,7 @@ elseif op == 'sync' then
   local held, here = cjson.decode(ARGV[4]), {}
   for _, m in ipairs(held) do here[m[1]] = true end
   for _, m in ipairs(members_in_order()) do
-    if m[3] == node and not here[m[1]] then remove(m[1]) end
+    if m[3] == node and not here[m[1]] then remove(m[1], false) end
   end
   for _, m in ipairs(held) do
     if redis.call('HEXISTS', members, m[1]) == 0 then

@@ -251,3 +251,17 @@ async def test_room_not_found_without_auto_create(start: Any) -> None:
         status, _, created = await http_request(ports[0], "POST", "/api/rooms", {"name": "made"})
         assert status == 201
         await a.join(created["id"], "a")
+
+
+async def test_posted_room_is_removed_after_idle_ttl_on_every_node(start: Any) -> None:
+    ports = await start(rooms={"idle_ttl": 1})
+    status, _, room = await http_request(ports[0], "POST", "/api/rooms", {"name": "Brief"})
+    assert status == 201
+
+    async def gone_everywhere() -> bool:
+        statuses = [(await http_request(port, "GET", f"/api/rooms/{room['id']}"))[0] for port in ports]
+        return statuses == [404] * len(ports)
+
+    await poll_until(gone_everywhere, "the idle room is gone", within=6)
+    status, _, listing = await http_request(ports[-1], "GET", "/api/rooms")
+    assert listing["rooms"] == []

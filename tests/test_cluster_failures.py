@@ -8,6 +8,7 @@ client or an operator can observe (frames, /health, GET /api/rooms/:id), each bo
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -190,3 +191,21 @@ async def test_a_node_started_before_redis_serves_once_redis_is_up(tmp_path: Pat
             await node.wait_until_healthy()
             async with connect(node.port) as a:
                 await a.join("r", "a")
+
+
+async def test_a_stalled_node_is_swept_then_registers_its_members_again(tmp_path: Path) -> None:
+    """A node frozen past node_timeout looks dead; when it wakes, its members come back."""
+    async with redis_server() as redis, node_factory(tmp_path, redis.url) as start:
+        one, two = await start(2)
+        async with watching(one.port, "r", "a") as a, watching(two.port, "r", "b") as b:
+            await a.wait_for(lambda _: a.members() == {b.client.peer_id}, "b joined", TIMEOUT)
+            two.process.send_signal(signal.SIGSTOP)
+            try:
+                await a.wait_for(lambda _: a.members() == set(), "b swept with its stalled node", SETTLE)
+            finally:
+                two.process.send_signal(signal.SIGCONT)
+            await a.wait_for(lambda _: a.members() == {b.client.peer_id}, "b registered again", SETTLE)
+            assert b.members() == {a.client.peer_id}  # b never heard it had left
+            await b.client.send(type="webrtc-offer", to=a.client.peer_id, sdp="still here")
+            await a.wait_for(lambda f: any(x.get("sdp") == "still here" for x in f), "relay from b", TIMEOUT)
+            assert sorted(await room_members(one, "r")) == sorted([a.client.peer_id, b.client.peer_id])
