@@ -154,6 +154,8 @@ class ClusterRoomTask(RoomTask):
                 pending.done.set()
             if command.sent and (pending is not None or command.peer_id in self.room.seats):
                 self._link.leave_soon(self.room.id, command.peer_id)
+                if not self._link.available:  # no leave event will come: remove it here now
+                    self.room.leave(command.peer_id)
         elif isinstance(command, _Sync):
             self._sync(command.prune)
         else:  # _Lost
