@@ -57,7 +57,7 @@ class RemoteMember:
     node: str
 
     def deliver(self, text: str) -> bool:
-        """Membership events reach it from its own node; relays go through ``publish``."""
+        """Membership events reach it from its own node; relays go through ``RedisLink.relay``."""
         return True
 
 
@@ -175,9 +175,15 @@ class ClusterRoomTask(RoomTask):
         ):
             super()._apply(command)  # both here, or from another node to a member here, or an error
             return
-        event = {"r": self.room.id, "k": "relay", "f": command.sender_id, "p": command.to, "x": command.text}
         refusal = _unavailable(command.request_id)
-        if not self._link.publish(target.member.node, event, lambda: sender.member.deliver(refusal)):
+        if not self._link.relay(
+            target.member.node,
+            self.room.id,
+            command.sender_id,
+            command.to,
+            command.text,
+            lambda: sender.member.deliver(refusal),
+        ):
             sender.member.deliver(refusal)
 
     def _event(self, data: dict[str, Any]) -> None:
@@ -252,8 +258,12 @@ class ClusterRoomTask(RoomTask):
             )
 
     async def feed(self, command: _Event | _Relay | _Sync | _Lost) -> None:
+        """Queue a command from the link; waits only when the room's channel is full."""
         with contextlib.suppress(trio.BrokenResourceError):  # ended: it has no members to tell
-            await self._send.send(command)
+            try:
+                self._send.send_nowait(command)
+            except trio.WouldBlock:
+                await self._send.send(command)
 
 
 class ClusterHub(RoomHub):
@@ -317,12 +327,13 @@ class ClusterHub(RoomHub):
 
     async def dispatch(self, event: dict[str, Any]) -> None:
         task = self._rooms.get(event["r"])
-        if not isinstance(task, ClusterRoomTask):
-            return  # no member here any more
-        if event["k"] == "relay":
-            await task.feed(_Relay(event["f"], event["p"], event["x"], None))
-        else:
+        if isinstance(task, ClusterRoomTask):  # else: no member here any more
             await task.feed(_Event(event))
+
+    async def relay(self, room: str, sender_id: str, to: str, text: str) -> None:
+        task = self._rooms.get(room)
+        if isinstance(task, ClusterRoomTask):
+            await task.feed(_Relay(sender_id, to, text, None))
 
     async def resync(self, prune: bool) -> None:
         for task in list(self._rooms.values()):

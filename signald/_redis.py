@@ -237,7 +237,10 @@ class Listener(Protocol):
     """What the link tells the cluster hub (``_cluster.ClusterHub``)."""
 
     async def dispatch(self, event: dict[str, Any]) -> None:
-        """An event from this node's channel, in the order Redis published it."""
+        """A membership event from this node's channel, in the order Redis published it."""
+
+    async def relay(self, room: str, sender_id: str, to: str, text: str) -> None:
+        """A relay from a member on another node to ``to``, a member here."""
 
     async def resync(self, prune: bool) -> None:
         """Connected (again): every room should re-register its members."""
@@ -248,7 +251,7 @@ class Listener(Protocol):
 
 @attrs.define(eq=False)
 class _Item:
-    """One queued Redis command: a script call or a publish."""
+    """One queued Redis command: a script call or a relay."""
 
     args: tuple[Any, ...]
     done: trio.Event | None = None
@@ -319,11 +322,16 @@ class RedisLink:
         self._send.send_nowait(_Item(self._script(operation, room, *args)))
         return True
 
-    def publish(self, node: str, event: dict[str, Any], on_fail: Callable[[], None]) -> bool:
-        """Send ``event`` to ``node``'s channel in this node's order; ``on_fail`` if it is lost."""
+    def relay(self, node: str, room: str, sender_id: str, to: str, text: str, on_fail: Callable[[], None]) -> bool:
+        """Send a relay to ``node`` in this node's order; False now if Redis is away, ``on_fail`` if lost.
+
+        On the wire a relay is one line, ``room TAB sender TAB to TAB frame``: ids never hold a
+        tab and a frame (ASCII JSON) never holds a raw tab or newline, so the receiver splits it
+        without parsing JSON; relays queued together for one node travel in one message.
+        """
         if not self.available:
             return False
-        self._send.send_nowait(_Item(("publish", channel(node), json.dumps(event)), on_fail=on_fail))
+        self._send.send_nowait(_Item(("relay", channel(node), f"{room}\t{sender_id}\t{to}\t{text}"), on_fail=on_fail))
         return True
 
     async def leave(self, room: str, peer_id: str) -> bool:
@@ -467,8 +475,17 @@ class RedisLink:
                     nursery.start_soon(self._prune_later)
                     async for message in subscription:
                         if message["type"] == "message":
-                            await self._listener.dispatch(json.loads(message["data"]))
+                            await self._receive_message(message["data"])
                     raise RedisConnectionError("subscription ended")
+
+    async def _receive_message(self, data: str) -> None:
+        assert self._listener is not None
+        if data.startswith("{"):  # from the script: a membership event or snapshot
+            await self._listener.dispatch(json.loads(data))
+            return
+        for line in data.split("\n"):
+            room, sender_id, to, text = line.split("\t", 3)
+            await self._listener.relay(room, sender_id, to, text)
 
     async def _write(self, client: coredis.Redis[str]) -> None:
         """The one writer: queued items, in order, a pipelined batch per round trip."""
@@ -481,17 +498,28 @@ class RedisLink:
                     break
             self._in_flight = batch
             async with client.pipeline(transaction=False) as pipe:
-                replies = []
+                scripts = []
+                # Relays between two scripts go out grouped by node, a message per node: the
+                # order that matters (a member's relays, then its leave) is kept.
+                relays: dict[str, list[str]] = {}
                 for item in batch:
                     if item.args[0] == "script":
-                        replies.append(pipe.evalsha(self._sha, keys=item.args[1], args=item.args[2]))
+                        self._flush(pipe, relays)
+                        scripts.append((item, pipe.evalsha(self._sha, keys=item.args[1], args=item.args[2])))
                     else:
-                        replies.append(pipe.publish(item.args[1], item.args[2]))
-            for item, reply in zip(batch, replies, strict=True):
+                        relays.setdefault(item.args[1], []).append(item.args[2])
+                self._flush(pipe, relays)
+            for item, reply in scripts:
                 item.result = await reply
                 if item.done is not None:
                     item.done.set()
             self._in_flight = []
+
+    @staticmethod
+    def _flush(pipe: Any, relays: dict[str, list[str]]) -> None:
+        for node_channel, lines in relays.items():
+            pipe.publish(node_channel, "\n".join(lines))
+        relays.clear()
 
     async def _renew(self, client: coredis.Redis[str]) -> bool:
         """Renew the lease; False if it had lapsed (Redis restarted, or we were swept)."""

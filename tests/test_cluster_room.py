@@ -33,7 +33,7 @@ class FakeLink:
     replies: dict[str, Any] = attrs.field(factory=lambda: {"join": ["ok"], "leave": 1})
     calls: list[tuple[Any, ...]] = attrs.field(factory=list)
     submitted: list[tuple[Any, ...]] = attrs.field(factory=list)
-    published: list[tuple[str, dict[str, Any]]] = attrs.field(factory=list)
+    relayed: list[tuple[str, ...]] = attrs.field(factory=list)
     on_fail: list[Callable[[], None]] = attrs.field(factory=list)
     left_soon: list[tuple[str, str]] = attrs.field(factory=list)
 
@@ -54,9 +54,9 @@ class FakeLink:
             self.submitted.append((operation, room, *args))
         return self.available
 
-    def publish(self, node: str, event: dict[str, Any], on_fail: Callable[[], None]) -> bool:
+    def relay(self, node: str, room: str, sender_id: str, to: str, text: str, on_fail: Callable[[], None]) -> bool:
         if self.available:
-            self.published.append((node, event))
+            self.relayed.append((node, room, sender_id, to, text))
             self.on_fail.append(on_fail)
         return self.available
 
@@ -132,14 +132,12 @@ async def test_relays_to_another_node_are_published_and_to_this_node_are_not() -
         await task.relay("a", "b", '{"type":"webrtc-offer","from":"a","sdp":"x"}', None)
         await task.relay("a", "d", '{"type":"webrtc-offer","from":"a","sdp":"y"}', None)
         await settle()
-        assert link.published == [
-            (THERE, {"r": "r", "k": "relay", "f": "a", "p": "b", "x": '{"type":"webrtc-offer","from":"a","sdp":"x"}'})
-        ]
+        assert link.relayed == [(THERE, "r", "a", "b", '{"type":"webrtc-offer","from":"a","sdp":"x"}')]
         assert d.frames[-1] == {"type": "webrtc-offer", "from": "a", "sdp": "y"}
         # A relay from another node is delivered here, and never published again.
-        await hub.dispatch({"r": "r", "k": "relay", "f": "b", "p": "a", "x": '{"type":"webrtc-answer"}'})
+        await hub.relay("r", "b", "a", '{"type":"webrtc-answer"}')
         await settle()
-        assert a.frames[-1] == {"type": "webrtc-answer"} and len(link.published) == 1
+        assert a.frames[-1] == {"type": "webrtc-answer"} and len(link.relayed) == 1
         # Redis gone: relays to other nodes are refused, and so is one lost in flight.
         link.on_fail[0]()
         assert a.frames[-1]["code"] == "cluster-unavailable"
