@@ -287,6 +287,8 @@ class RedisLink:
         #: Leaves that could not reach Redis: sent first when it is back.
         self._orphans: set[tuple[str, str]] = set()
         self.available = False
+        #: Connected since the last loss: the listener must hear of the next one.
+        self._up = False
         #: Set when the server stops: a connection torn down now is no news.
         self.closing = False
         #: Why the link is down, for /health and logs (None while connected).
@@ -358,7 +360,7 @@ class RedisLink:
         try:
             with trio.fail_after(self._timeout / 3):
                 return await what(client)
-        except (*LINK_ERRORS, trio.TooSlowError) as exc:
+        except (*LINK_ERRORS, trio.TooSlowError, RuntimeError) as exc:  # RuntimeError: the pool just closed
             raise ClusterUnavailable(f"the cluster is unavailable: {exc or type(exc).__name__}") from None
 
     async def counts(self) -> tuple[int, int]:
@@ -417,7 +419,7 @@ class RedisLink:
                     await self._connected()
                 except* LINK_ERRORS as group:
                     problem = f"redis unreachable: {_first_message(group)}"
-                    if not self.closing and (self.available or self.problem != problem):
+                    if not self.closing and (self._up or self.problem != problem):
                         log.warning("cluster: %s; retrying every %g s", problem, RETRY)
                     self.problem = problem
                 if self._lose():
@@ -429,7 +431,7 @@ class RedisLink:
 
     def _lose(self) -> bool:
         """Fail whatever waits on Redis; whether the link had been up."""
-        was_available, self.available, self._client = self.available, False, None
+        was_up, self._up, self.available, self._client = self._up, False, False, None
         for item in self._in_flight:
             item.fail()
         self._in_flight = []
@@ -438,7 +440,7 @@ class RedisLink:
                 self._receive.receive_nowait().fail()
             except trio.WouldBlock:
                 break
-        return was_available
+        return was_up
 
     def _connect(self) -> coredis.Redis[str]:
         timeout = self._timeout / 3
@@ -453,30 +455,39 @@ class RedisLink:
     async def _connected(self) -> None:
         assert self._listener is not None
         async with self._connect() as client:
-            self._sha = await client.script_load(SCRIPT)
-            # Subscribed before anything is registered, so nothing published to us is missed.
-            async with client.pubsub(
-                channels=[channel(self.node)],
-                retry_policy=None,
-                ignore_subscribe_messages=True,
-                max_idle_seconds=self._timeout / 3,
-            ) as subscription:
-                await self._renew(client)
-                self._client, self.available, self.problem = client, True, None
-                log.info("cluster: node %s connected to redis", self.node)
-                for room, peer_id in sorted(self._orphans):
-                    self.submit("leave", room, peer_id, _ms(), self._idle_ms())
-                self._orphans.clear()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._write, client)
-                    nursery.start_soon(self._keep_lease, client)
-                    nursery.start_soon(self._sweep, client)
-                    await self._listener.resync(prune=False)
-                    nursery.start_soon(self._prune_later)
-                    async for message in subscription:
-                        if message["type"] == "message":
-                            await self._receive_message(message["data"])
-                    raise RedisConnectionError("subscription ended")
+            try:
+                await self._serve_connection(client)
+            finally:
+                # Before the pool closes under a reader; the cause is filled in by ``run``.
+                self._client, self.available = None, False
+                self.problem = self.problem or "redis connection lost"
+
+    async def _serve_connection(self, client: coredis.Redis[str]) -> None:
+        assert self._listener is not None
+        self._sha = await client.script_load(SCRIPT)
+        # Subscribed before anything is registered, so nothing published to us is missed.
+        async with client.pubsub(
+            channels=[channel(self.node)],
+            retry_policy=None,
+            ignore_subscribe_messages=True,
+            max_idle_seconds=self._timeout / 3,
+        ) as subscription:
+            await self._renew(client)
+            self._client, self.available, self.problem, self._up = client, True, None, True
+            log.info("cluster: node %s connected to redis", self.node)
+            for room, peer_id in sorted(self._orphans):
+                self.submit("leave", room, peer_id, _ms(), self._idle_ms())
+            self._orphans.clear()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write, client)
+                nursery.start_soon(self._keep_lease, client)
+                nursery.start_soon(self._sweep, client)
+                await self._listener.resync(prune=False)
+                nursery.start_soon(self._prune_later)
+                async for message in subscription:
+                    if message["type"] == "message":
+                        await self._receive_message(message["data"])
+                raise RedisConnectionError("subscription ended")
 
     async def _receive_message(self, data: str) -> None:
         assert self._listener is not None

@@ -165,7 +165,8 @@ async def _outage(redis: RedisServer, nodes: list[Node], room: str) -> None:
             joined = await late.join(room, "late")
             assert sorted(p["peerId"] for p in joined["participants"]) == sorted([a.client.peer_id, b.client.peer_id])
             await a.wait_for(lambda _: late.peer_id in a.members(), "late announced", TIMEOUT)
-        assert late.peer_id in b.members()  # members() also checks for duplicate user-joined
+            # members() also checks that nobody got a duplicate user-joined.
+            await b.wait_for(lambda _: late.peer_id in b.members(), "late announced to b", TIMEOUT)
 
 
 @pytest.mark.parametrize("persistent", [False, True], ids=["empty-restart", "aof"])
