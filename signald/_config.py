@@ -104,8 +104,12 @@ class LimitsConfig:
     #: Seconds a WebSocket may stay open without being in a room (after connecting or leaving).
     idle_timeout: float = _bounded(600.0, low=0.01, high=30 * 86400)
     #: Message shape bounds, in characters, beyond the frame size: an SDP, each string of an ICE
-    #: candidate, a username; and how deeply a message's JSON may nest.
-    max_sdp_length: int = _bounded(32768, low=1, high=16 * 1024 * 1024)
+    #: candidate, a username; and how deeply a message's JSON may nest. An SDP may by default be
+    #: as long as ``max_message_bytes`` lets it (large SDPs are real: many transceivers, simulcast).
+    max_sdp_length: int = attrs.field(
+        default=attrs.Factory(lambda self: self.max_message_bytes, takes_self=True),
+        metadata={"low": 1, "high": 16 * 1024 * 1024},
+    )
     max_candidate_length: int = _bounded(1024, low=1, high=16 * 1024 * 1024)
     max_username_length: int = _bounded(64, low=1, high=4096)
     max_json_depth: int = _bounded(32, low=2, high=1000)

@@ -1,108 +1,84 @@
-"""One TCP connection: h11 parses every request; WebSocket upgrades go to trio-websocket.
+"""One TCP connection: h11 parses every request; an accepted upgrade becomes a WebSocket.
 
-The upgrade hand-off is the delicate part. h11 has already consumed the request head (and
-maybe bytes after it) from the stream, but ``trio_websocket.wrap_server_stream`` insists on
-parsing the handshake itself. So we rebuild the request head from h11's event (raw header
-names and values are kept), put h11's ``trailing_data`` after it, and give trio-websocket a
-:class:`ReplayStream` whose first reads return those bytes before the socket's.
+Every request for ``/ws`` goes to the host's ``admit`` (``_upgrade`` decides); a refusal is an
+ordinary h11 response, an acceptance is h11's ``101`` with ``Sec-WebSocket-Accept``. h11 then
+hands over the bytes it read past the request head (``trailing_data``, maybe a pipelined first
+frame), and they are the first input of the WebSocket's codec: the handshake is parsed once.
 
 Every read of a request is bounded by ``server.request_timeout`` (slowloris), every body by
 ``MAX_BODY_BYTES``, and any failure here is confined to this connection. A request with both
 ``Content-Length`` and ``Transfer-Encoding`` is refused outright: a proxy in front of us might
 frame its body by the other header, and the bytes it disagrees about would be a smuggled request.
 Each WebSocket counts against the connection caps, by client address, from its handshake on.
+
+The connection knows the server only through :class:`Host`, the six things it needs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractContextManager
+from typing import Protocol
 
+import attrs
 import h11
 import trio
-import trio_websocket
 
 from ._rest import MAX_BODY_BYTES, HttpRequest, HttpResponse, error_response
-from ._session import Session
-
-if TYPE_CHECKING:
-    from ._server import Server
+from ._upgrade import PATH, accept_headers
 
 log = logging.getLogger("signald.http")
 
 MAX_HEAD_BYTES = 16 * 1024
 RECEIVE_SIZE = 64 * 1024
-#: Frames trio-websocket may buffer between its reader task and ours. More than 1, so a
-#: moment of backpressure does not also stall its pong and close handling.
-WS_MESSAGE_QUEUE = 16
 #: After refusing a request we half-close and read (and discard) what the client still sends,
 #: this long and this much at most: closing with its bytes unread would make the kernel send a
 #: reset, which can destroy our refusal before the client has read it.
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 1024 * 1024
 
-
-class ReplayStream(trio.abc.HalfCloseableStream):
-    """A stream that first replays bytes h11 already consumed, then reads ``stream``.
-
-    ``head`` (the rebuilt request head) is returned at once. Everything after it, starting
-    with ``early`` (bytes the client sent after its head, such as a pipelined first frame),
-    is held back until :meth:`release`, that is until the handshake has been accepted: bytes
-    wsproto receives while still negotiating stay buffered in its handshake parser, and
-    trio-websocket would not look at them again until the client happened to send more.
-    """
-
-    def __init__(self, head: bytes, early: bytes, stream: trio.abc.HalfCloseableStream) -> None:
-        self._head = head
-        self._early = early
-        self._released = trio.Event()
-        self._stream = stream
-        #: Head replayed, released, early bytes replayed: reads now go straight to the socket.
-        self._live = False
-
-    def release(self) -> None:
-        self._released.set()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._live:  # the common case, once per read: no extra checkpoint on top of the socket's
-            return await self._stream.receive_some(max_bytes)
-        if self._head:
-            chunk, self._head = _split(self._head, max_bytes)
-            await trio.lowlevel.checkpoint()
-            return chunk
-        await self._released.wait()
-        if self._early:
-            chunk, self._early = _split(self._early, max_bytes)
-            return chunk
-        self._live = True
-        return await self._stream.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self._stream.send_eof()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
+Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 
 
-def _split(data: bytes, size: int | None) -> tuple[bytes, bytes]:
-    return (data, b"") if size is None else (data[:size], data[size:])
+@attrs.frozen
+class Admission:
+    """An upgrade the host accepted: ``hold`` counts the connection against the caps while
+    entered; ``run(stream, early, remote)`` serves the WebSocket once the 101 is out."""
+
+    hold: AbstractContextManager[None]
+    run: Callable[[Stream, bytes, str], Awaitable[None]]
+
+
+class Host(Protocol):
+    """What a connection needs from the server (``Server`` is one)."""
+
+    @property
+    def request_timeout(self) -> float: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+    def client_key(self, peer_host: str, forwarded_for: str | None) -> str:
+        """The per-address key of a client: the peer, or whom a trusted proxy forwarded."""
+        ...
+
+    async def respond(self, request: HttpRequest) -> HttpResponse:
+        """The REST API's answer."""
+        ...
+
+    def cors_headers(self, origin: str | None) -> list[tuple[str, str]]:
+        """The CORS headers of a response to a request from ``origin``."""
+        ...
+
+    def admit(self, method: str, headers: Mapping[str, str], client: str) -> HttpResponse | Admission:
+        """A request for /ws: its refusal, or its admission (taken with no checkpoint in between)."""
+        ...
 
 
 class _BodyTooLarge(Exception):
     pass
-
-
-def _raw_head(request: h11.Request) -> bytes:
-    lines = [request.method + b" " + request.target + b" HTTP/1.1"]
-    lines.extend(name + b": " + value for name, value in request.headers.raw_items())
-    return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
 def _header_map(request: h11.Request) -> dict[str, str]:
@@ -115,13 +91,15 @@ def _header_map(request: h11.Request) -> dict[str, str]:
 
 
 class HttpConnection:
-    def __init__(self, server: Server, stream: trio.SocketStream, peer_host: str, remote: str) -> None:
-        self._server = server
+    def __init__(self, host: Host, stream: Stream, peer_host: str, remote: str) -> None:
+        self._host = host
         self._stream = stream
         self._peer_host = peer_host
         #: "host:port", for log lines.
         self._remote = remote
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        #: The ``Origin`` of the request being read, for the CORS headers of an error about it.
+        self._origin: str | None = None
 
     async def _send(self, event: h11.Event) -> None:
         data = self._conn.send(event)
@@ -132,9 +110,9 @@ class HttpConnection:
         # RFC 9110 8.6: no Content-Length on a 204, and on a 304 only the full body's size.
         length = [] if response.status in (204, 304) else [("Content-Length", str(len(response.body)))]
         headers = [*length, *response.headers]
-        if close or self._server.draining:
+        if close or self._host.draining:
             headers.append(("Connection", "close"))
-        with trio.move_on_after(self._server.config.server.request_timeout):
+        with trio.move_on_after(self._host.request_timeout):
             await self._send(h11.Response(status_code=response.status, headers=headers))
             if response.body:
                 await self._send(h11.Data(data=response.body))
@@ -152,6 +130,7 @@ class HttpConnection:
                 self._conn.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
             elif isinstance(event, h11.Request):
                 request = event
+                self._origin = next((v.decode("latin-1") for n, v in event.headers if n == b"origin"), None)
                 names = {name for name, _ in event.headers}
                 if b"content-length" in names and b"transfer-encoding" in names:
                     raise h11.RemoteProtocolError("both Content-Length and Transfer-Encoding", 400)
@@ -169,7 +148,7 @@ class HttpConnection:
                 return None
 
     async def run(self) -> None:
-        timeout = self._server.config.server.request_timeout
+        timeout = self._host.request_timeout
         try:
             while True:
                 with trio.move_on_after(timeout) as scope:
@@ -178,36 +157,36 @@ class HttpConnection:
                     except h11.RemoteProtocolError as exc:
                         log.info("%s: bad HTTP request: %s", self._remote, exc)
                         await self._respond_if_possible(
-                            error_response(exc.error_status_hint, "bad-request", f"malformed HTTP request: {exc}")
+                            error_response(
+                                exc.error_status_hint, "bad-request", f"malformed HTTP request: {exc}", self._cors()
+                            )
                         )
                         return
                     except _BodyTooLarge:
                         await self._respond_if_possible(
-                            error_response(413, "payload-too-large", f"request body over {MAX_BODY_BYTES} bytes")
+                            error_response(
+                                413, "payload-too-large", f"request body over {MAX_BODY_BYTES} bytes", self._cors()
+                            )
                         )
                         return
                 if scope.cancelled_caught:
                     if self._conn.their_state is h11.SEND_BODY or (
                         self._conn.their_state is h11.IDLE and self._conn.trailing_data[0]
                     ):
-                        await self._respond_if_possible(error_response(408, "request-timeout", "request took too long"))
+                        await self._respond_if_possible(
+                            error_response(408, "request-timeout", "request took too long", self._cors())
+                        )
                     return
                 if received is None:
                     return
                 request, body = received
-                if self._conn.their_state is h11.MIGHT_SWITCH_PROTOCOL and request.target.split(b"?")[0] == b"/ws":
-                    await self._upgrade(request)
-                    return
                 headers = _header_map(request)
-                response = await self._server.rest.handle(
-                    HttpRequest(
-                        request.method.decode("ascii"),
-                        request.target.decode("latin-1"),
-                        headers,
-                        body,
-                        self._client(headers),
-                    )
-                )
+                method = request.method.decode("ascii")
+                target = request.target.decode("latin-1")
+                if target.split("?", 1)[0] == PATH:
+                    await self._upgrade(method, headers)
+                    return
+                response = await self._host.respond(HttpRequest(method, target, headers, body, self._client(headers)))
                 log.debug(
                     "%s: %s %s -> %d",
                     self._remote,
@@ -216,9 +195,10 @@ class HttpConnection:
                     response.status,
                 )
                 await self._respond(response)
-                if self._conn.our_state is h11.MUST_CLOSE or self._server.draining:
+                if self._conn.our_state is h11.MUST_CLOSE or self._host.draining:
                     return
                 self._conn.start_next_cycle()
+                self._origin = None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away mid-exchange
         finally:
@@ -238,38 +218,24 @@ class HttpConnection:
             while drained < LINGER_BYTES and (chunk := await self._stream.receive_some(RECEIVE_SIZE)):
                 drained += len(chunk)
 
+    def _cors(self) -> list[tuple[str, str]]:
+        """An error the connection answers itself carries the CORS headers any route would."""
+        return self._host.cors_headers(self._origin)
+
     def _client(self, headers: dict[str, str]) -> str:
         """The per-address key of the client: the peer, or whom a trusted proxy forwarded."""
-        return self._server.proxies.client_key(self._peer_host, headers.get("x-forwarded-for"))
+        return self._host.client_key(self._peer_host, headers.get("x-forwarded-for"))
 
-    async def _upgrade(self, request: h11.Request) -> None:
-        headers = _header_map(request)
-        client = self._client(headers)
-        refusal = self._server.check_upgrade(headers, client)
-        if refusal is not None:
-            await self._respond(refusal, close=True)
+    async def _upgrade(self, method: str, headers: Mapping[str, str]) -> None:
+        admission = self._host.admit(method, headers, self._client(headers))
+        if isinstance(admission, HttpResponse):
+            await self._respond(admission, close=True)
             return
-        with self._server.connections.hold(client):  # no checkpoint since the check: no race
-            await self._websocket(request)
-
-    async def _websocket(self, request: h11.Request) -> None:
-        replay = ReplayStream(_raw_head(request), self._conn.trailing_data[0], self._stream)
-        limits = self._server.config.limits
-        async with trio.open_nursery() as nursery:
-            with trio.move_on_after(self._server.config.server.request_timeout) as handshake:
-                ws_request = await trio_websocket.wrap_server_stream(
-                    nursery,
-                    replay,
-                    message_queue_size=WS_MESSAGE_QUEUE,
-                    max_message_size=limits.max_message_bytes,
-                )
-                ws = await ws_request.accept()
-                replay.release()
+        with admission.hold:  # no checkpoint since the check: no race
+            with trio.move_on_after(self._host.request_timeout) as handshake:
+                await self._send(h11.InformationalResponse(status_code=101, headers=accept_headers(headers)))
             if handshake.cancelled_caught:
                 log.info("%s: WebSocket handshake timed out", self._remote)
-                nursery.cancel_scope.cancel()
                 return
-            session = Session(ws, self._server.hub, limits, self._remote, self._server.tokens)
-            with self._server.track(session):
-                await session.run()
-            nursery.cancel_scope.cancel()
+            early, _ = self._conn.trailing_data
+            await admission.run(self._stream, early, self._remote)

@@ -127,13 +127,14 @@ class RoomTask:
         """Queue a relay; waits only when the channel is full (a flooding reader).
 
         ``send_nowait`` skips the scheduler round trip that ``send`` makes even when there
-        is room, and the sender's next ``get_message`` is a checkpoint anyway.
+        is room, and the sender's next read is a checkpoint anyway. The wait is shielded: a
+        cancellation (the reader's timer) must not lose a relay, and the room always drains.
         """
         command = _Relay(sender_id, to, text, request_id)
         try:
             self._send.send_nowait(command)
         except trio.WouldBlock:
-            with contextlib.suppress(trio.BrokenResourceError):
+            with trio.CancelScope(shield=True), contextlib.suppress(trio.BrokenResourceError):
                 await self._send.send(command)
         except trio.BrokenResourceError:
             pass  # the room has ended, so its members, the sender included, have left

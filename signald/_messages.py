@@ -51,7 +51,7 @@ class Bounds:
     """
 
     username: int = 64
-    sdp: int = 32768
+    sdp: int = 65536
     candidate: int = 1024
     depth: int = 32
 

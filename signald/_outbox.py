@@ -1,16 +1,44 @@
 """A connection's outbound queue, bounded in bytes, that never makes its producer wait.
 
-Room tasks push into it and move on; a per-connection writer task drains it to the socket.
-This is what keeps one slow reader from stalling its room: when the bytes not yet written
-pass the limit, the queue refuses the frame, drops what it held, and reports the overflow so
-the connection can be evicted (close code 1008) instead of growing without bound.
+Room tasks and the connection's own session push into it and move on; the connection's one
+writer task takes everything queued at once and writes it with one ``send_all``. Nothing else
+writes to the socket, so frames leave in the order they were decided, control frames included,
+and no lock exists.
+
+The bound is what keeps one slow reader from stalling its room: when the bytes not yet handed to
+the transport pass the limit, the queue refuses the frame, drops what it held, and reports the
+overflow so the connection can be evicted (close code 1008) instead of growing without bound.
+What it counts: text queued here plus the batch the writer is writing. Bytes the kernel has
+accepted are not counted (trio sets ``TCP_NOTSENT_LOWAT``, so the kernel holds little unsent
+data per socket beyond what is in flight to the client).
+
+Three kinds of item: ``str``, a text frame (ASCII JSON, so ``len`` is its size in bytes), the
+only kind the bound counts; ``bytes``, a frame already encoded by the codec (a pong); and a
+:class:`Control` the writer has the codec encode (a ping, a close). ``finish`` ends the queue:
+one last item goes out after what is queued, and the writer stops.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import attrs
 import trio
+
+
+@attrs.frozen
+class Ping:
+    payload: bytes
+
+
+@attrs.frozen
+class Close:
+    code: int
+    reason: str
+
+
+Control = Ping | Close
+Item = str | bytes | Control
 
 
 class Outbox:
@@ -19,49 +47,66 @@ class Outbox:
         self._on_overflow = on_overflow
         #: A list, not a deque: only ever appended to and taken whole, and an idle
         #: connection's empty list is ~560 bytes smaller than an empty deque.
-        self._frames: list[str] = []
-        #: Bytes pushed and not yet reported written: queued frames plus the writer's batch.
+        self._items: list[Item] = []
+        #: Text bytes pushed and not yet reported written: queued frames plus the writer's batch.
         self._unsent = 0
         self._wakeup = trio.Event()
+        #: No more text is taken (closed, overflowed, or finishing).
         self.closed = False
+        #: ``finish`` was called: the writer stops once it has written what is queued.
+        self._finished = False
 
     @property
     def unsent_bytes(self) -> int:
         return self._unsent
 
     def push(self, text: str) -> bool:
-        """Queue a frame (ASCII JSON, so ``len`` is bytes). False once closed or overflowed."""
+        """Queue a text frame. False once closed or overflowed: the member must go."""
         if self.closed:
             return False
         size = len(text)
         if self._unsent + size > self._limit:
-            self.close()
+            self.closed = True
+            self._items.clear()
             self._on_overflow()
             return False
-        self._frames.append(text)
+        self._items.append(text)
         self._unsent += size
         self._wakeup.set()
         return True
 
-    def close(self) -> None:
-        """Refuse further frames and drop queued ones; wakes the writer so it can finish."""
-        self.closed = True
-        self._frames.clear()
+    def control(self, item: bytes | Control) -> None:
+        """Queue a control frame, in order with the text; not counted, never refused while open."""
+        if not self._finished:
+            self._items.append(item)
+            self._wakeup.set()
+
+    def finish(self, last: bytes | Control | None = None) -> None:
+        """Take no more text, queue ``last`` (a close frame) after what is queued, and end there.
+
+        What is queued still goes out first (replies the client is owed); after an overflow
+        nothing is, since the overflow dropped it.
+        """
+        if self._finished:
+            return
+        self.closed = self._finished = True
+        if last is not None:
+            self._items.append(last)
         self._wakeup.set()
 
-    async def take(self) -> list[str]:
-        """Every queued frame, in order, waiting for one if needed; ``[]`` once closed.
+    async def take(self) -> list[Item]:
+        """Every queued item, in order, waiting for one if needed; ``[]`` once finished and empty.
 
-        The writer takes the whole queue at once so a burst costs one wake-up, not one per frame.
+        The writer takes the whole queue at once, so a burst costs one wake-up, not one per frame.
         """
-        while not self._frames and not self.closed:
+        while not self._items:
+            if self._finished:
+                return []
             await self._wakeup.wait()
             self._wakeup = trio.Event()
-        if self.closed:
-            return []
-        batch, self._frames = self._frames, []
+        batch, self._items = self._items, []
         return batch
 
     def written(self, size: int) -> None:
-        """The writer reports ``size`` bytes handed to the transport."""
+        """The writer reports ``size`` text bytes handed to the transport."""
         self._unsent -= size

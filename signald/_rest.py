@@ -94,7 +94,7 @@ def room_json(room: RoomInfo, *, with_participants: bool = False) -> dict[str, A
 
 class RestApi:
     """Routes: GET /health, GET/POST /api/rooms, GET /api/rooms/<id>, GET /api/ice-servers,
-    the demo's files when ``demo.enabled``, plus CORS preflight."""
+    the demo's files when ``demo.enabled``, plus CORS preflight. (``/ws`` is ``_upgrade``'s.)"""
 
     def __init__(
         self,
@@ -125,8 +125,6 @@ class RestApi:
         if path.startswith("/api/rooms/"):
             room_id = path.removeprefix("/api/rooms/")
             return ("GET",), lambda request: self._room(room_id)
-        if path == "/ws":
-            return ("GET",), self._ws_without_upgrade
         if path == "/api/ice-servers":
             return ("GET",), self._ice
 
@@ -244,8 +242,3 @@ class RestApi:
         if room is None:
             return error_response(404, "room-not-found", f"room {room_id[:64]} does not exist")
         return json_response(200, room_json(room, with_participants=True))
-
-    async def _ws_without_upgrade(self, request: HttpRequest) -> HttpResponse:
-        return error_response(
-            426, "upgrade-required", "/ws speaks WebSocket only", [("Upgrade", "websocket"), ("Connection", "Upgrade")]
-        )

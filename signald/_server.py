@@ -14,21 +14,22 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 
 import trio
 
+from . import _upgrade
 from ._addresses import TrustedProxies
 from ._auth import JoinTokens
 from ._config import Config, ConfigError, ServerConfig, reloaded
-from ._connection import HttpConnection
+from ._connection import Admission, HttpConnection, Stream
 from ._cors import CorsPolicy
 from ._hub import RoomHub
-from ._limits import BucketsByKey, ConnectionCounter, Refusal
-from ._rest import HttpResponse, RestApi, error_response
-from ._session import CLOSE_GOING_AWAY, Session
+from ._limits import BucketsByKey, ConnectionCounter
+from ._rest import HttpRequest, HttpResponse, RestApi
 from ._store import open_room_store
+from ._transport import WebSocket
+from ._websocket import CLOSE_GOING_AWAY
 
 log = logging.getLogger("signald")
 
@@ -46,9 +47,9 @@ class Server:
         self.draining = False
         self.port: int | None = None
         self._cors = CorsPolicy(config.cors.allowed_origins)
-        self._sessions: set[Session] = set()
+        self._websockets: set[WebSocket] = set()
         self._stop = trio.Event()
-        self._sessions_gone = trio.Event()
+        self._websockets_gone = trio.Event()
         self.proxies = TrustedProxies(config.server.trusted_proxies)
         self.connections = ConnectionCounter(config.limits.max_connections, config.limits.max_connections_per_ip)
         self.room_creations = BucketsByKey(config.limits.room_create_rate, config.limits.room_create_burst)
@@ -58,9 +59,44 @@ class Server:
     def hub(self) -> RoomHub:
         return self._hub
 
+    # -- what a connection needs (``_connection.Host``)
+
     @property
-    def rest(self) -> RestApi:
-        return self._rest
+    def request_timeout(self) -> float:
+        return self.config.server.request_timeout
+
+    def client_key(self, peer_host: str, forwarded_for: str | None) -> str:
+        return self.proxies.client_key(peer_host, forwarded_for)
+
+    async def respond(self, request: HttpRequest) -> HttpResponse:
+        return await self._rest.handle(request)
+
+    def cors_headers(self, origin: str | None) -> list[tuple[str, str]]:
+        return self._cors.headers(origin)
+
+    def admit(self, method: str, headers: Mapping[str, str], client: str) -> HttpResponse | Admission:
+        refusal = _upgrade.refusal(
+            method, headers, client, draining=self.draining, cors=self._cors, connections=self.connections
+        )
+        if refusal is not None:
+            return refusal
+        limits = self.config.limits  # an open WebSocket keeps the limits it began with
+
+        async def run(stream: Stream, early: bytes, remote: str) -> None:
+            await self._serve_websocket(WebSocket(stream, early, self._hub, limits, remote, self.tokens))
+
+        return Admission(self.connections.hold(client), run)
+
+    async def _serve_websocket(self, websocket: WebSocket) -> None:
+        self._websockets.add(websocket)
+        if self.draining:
+            websocket.close(CLOSE_GOING_AWAY, "server shutting down")
+        try:
+            await websocket.run()
+        finally:
+            self._websockets.discard(websocket)
+            if self.draining and not self._websockets:
+                self._websockets_gone.set()
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -86,7 +122,7 @@ class Server:
     def status(self) -> str:
         """One line for ``systemctl status``."""
         counts = f"{len(self._hub)} rooms, {self._hub.user_count} users"
-        return f"draining: {len(self._sessions)} WebSockets left, {counts}" if self.draining else counts
+        return f"draining: {len(self._websockets)} WebSockets left, {counts}" if self.draining else counts
 
     async def _listen(self) -> list[trio.SocketListener]:
         if self._inherited:
@@ -99,52 +135,7 @@ class Server:
         except OSError as exc:
             raise ConfigError("server.port", f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
-    def check_upgrade(self, headers: Mapping[str, str], client: str) -> HttpResponse | None:
-        """Why a WebSocket upgrade must be refused, as the HTTP response to refuse it with.
-
-        ``client`` is the per-address key the connection caps count under.
-        """
-        origin = headers.get("origin")
-        cors = self._cors.headers(origin)
-        if self.draining:
-            return error_response(503, "shutting-down", "the server is shutting down", cors)
-        if not self._cors.allows(origin):
-            return error_response(403, "origin-not-allowed", f"origin {origin!s:.200} may not connect", cors)
-        if "websocket" not in headers.get("upgrade", "").lower():
-            return error_response(400, "bad-upgrade", "only the websocket upgrade is served on /ws", cors)
-        if headers.get("sec-websocket-version") != "13":
-            return error_response(
-                426, "bad-upgrade", "Sec-WebSocket-Version must be 13", [("Sec-WebSocket-Version", "13"), *cors]
-            )
-        if not headers.get("sec-websocket-key"):
-            return error_response(400, "bad-upgrade", "Sec-WebSocket-Key is missing", cors)
-        refusal = self.connections.refusal(client)
-        if refusal is Refusal.ADDRESS:
-            log.info("%s: connection refused, %d open from this address", client, self.connections.count(client))
-            return error_response(
-                429,
-                "too-many-connections",
-                f"{self.connections.per_address_cap} connections from {client} are open already",
-                cors,
-            )
-        if refusal is Refusal.SERVER:
-            log.info("connection from %s refused, %d open in total", client, self.connections.total)
-            return error_response(503, "server-full", "the server has as many connections as it takes", cors)
-        return None
-
-    @contextmanager
-    def track(self, session: Session) -> Iterator[None]:
-        self._sessions.add(session)
-        if self.draining:
-            session.request_close(CLOSE_GOING_AWAY, "server shutting down")
-        try:
-            yield
-        finally:
-            self._sessions.discard(session)
-            if self.draining and not self._sessions:
-                self._sessions_gone.set()
-
-    async def _handle(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
+    async def _handle(self, stream: Stream) -> None:
         transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
         try:
             host, port, *_ = transport.socket.getpeername()
@@ -197,13 +188,13 @@ class Server:
             task_status.started(self)
             await self._stop.wait()
             self.draining = True
-            log.info("shutting down: closing %d WebSocket(s)", len(self._sessions))
-            for session in list(self._sessions):
-                session.request_close(CLOSE_GOING_AWAY, "server shutting down")
-            if not self._sessions:
-                self._sessions_gone.set()
+            log.info("shutting down: closing %d WebSocket(s)", len(self._websockets))
+            for websocket in list(self._websockets):
+                websocket.close(CLOSE_GOING_AWAY, "server shutting down")
+            if not self._websockets:
+                self._websockets_gone.set()
             with trio.move_on_after(server_config.shutdown_grace):
-                await self._sessions_gone.wait()
+                await self._websockets_gone.wait()
             connections.cancel_scope.cancel()
 
 

@@ -1,74 +1,131 @@
-"""One WebSocket client: reads frames, applies the protocol, writes through its Outbox.
+"""One WebSocket client's protocol, as a pure state machine: events in, room commands and frames out.
 
-A session runs five tasks in its own nursery:
+Rule 1: no I/O, no awaits, no clock. Every event carries ``now``; the shell (``_transport``)
+reads the socket, feeds the codec, and calls these methods; tests call them directly.
 
-* the reader parses each frame and acts on it (join, leave, relay, ping);
-* the writer drains the :class:`Outbox` to the socket, so nothing else ever awaits it;
-* the pinger sends a WebSocket ping every ``ping_interval`` and drops a silent peer;
-* the idler closes the connection once it has spent ``idle_timeout`` outside any room;
-* the closer waits for a close request (eviction, oversize frame, shutdown) and performs
-  the close handshake under ``close_timeout``, because trio-websocket's ``aclose`` would
-  otherwise wait forever on a peer that never answers.
+Events in, as method calls:
 
-Every frame to the client, including the session's own errors, goes through the outbox, so
-the client sees them in the order the server decided them.
+* ``text(frame, now)`` and ``binary(now)``: a whole data message from the client;
+* ``pong(payload, now)``: a WebSocket pong;
+* ``timer(now)``: the shell's wake-up at ``deadline`` (a ping due, a pong overdue, the idle
+  timeout, the close-handshake bound);
+* ``joined(room, now)`` / ``join_refused(now)``: the outcome of a :class:`Join` the shell carried out;
+* ``close(code, reason, now)``: the server decided (shutdown, a send queue overflow);
+* ``peer_closed(now)``: the client's close frame (the codec has queued the echo);
+* ``failed(code, reason, now)``: the codec failed the connection (1002, 1007, 1009) and has
+  queued its close frame;
+* ``socket_closed(now)``: EOF, a reset, or a write error.
 
-The reader charges every frame to the connection's :class:`MessageRate` before looking at it,
-so a flood is refused at the cost of a clock read, without parsing a single dropped frame.
+Out:
+
+* frames, pushed to the :class:`Outbox` in the order they were decided: text replies, and
+  :class:`~signald._outbox.Ping` / :class:`~signald._outbox.Close` control frames;
+* room commands, appended to ``commands`` (:class:`Join`, :class:`Leave`, :class:`Relay`), which
+  the shell carries out in order after each event, before it feeds the next one;
+* ``deadline``: when the shell must call ``timer`` next; ``done``: the shell may close the socket.
+
+Rule 2: a member that is gone leaves at once. Whatever ends the connection (ping timeout,
+eviction, rate close, a protocol failure, a reset, shutdown), the :class:`Leave` is issued in the
+same step, so the room sends ``user-left`` then, not after the close handshake has run its course.
+
+Rule 3: a join happens for both sides or for neither. The shell waits for the room's answer to a
+:class:`Join` (shielded: the room task never waits on a socket, so it always answers) and reports
+it with ``joined``; a session that closed in the meantime answers that with a :class:`Leave`.
+
+The session charges every data message to its :class:`MessageRate` before looking at it, so a
+flood is refused at the cost of a clock comparison, without parsing a single dropped frame. The
+message size is not checked here: the codec closes with 1009 past ``max_message_bytes``.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
+from collections.abc import Callable
+from typing import Protocol
 
 import attrs
-import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from . import _messages as m
 from ._auth import JoinTokens
 from ._config import LimitsConfig
-from ._hub import RoomHub, RoomTask
 from ._ids import new_peer_id
 from ._limits import MessageRate, Verdict
-from ._outbox import Outbox
+from ._outbox import Close, Outbox, Ping
+from ._websocket import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY
 
 log = logging.getLogger("signald.session")
 
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_POLICY = 1008
-CLOSE_TOO_BIG = 1009
+
+class RoomHandle(Protocol):
+    """Where a joined member's later commands go (a room task today)."""
+
+    async def leave(self, peer_id: str) -> None: ...
+
+    async def relay(self, sender_id: str, to: str, text: str, request_id: m.RequestId) -> None: ...
 
 
 @attrs.frozen
-class Peer:
-    """This process's kind of room member: its frames go to a local outbox."""
+class LocalMember:
+    """This process's kind of room member: its frames go to its connection's outbox."""
 
     peer_id: str
     username: str
-    outbox: Outbox
+    outbox: Outbox = attrs.field(repr=False)
 
     def deliver(self, text: str) -> bool:
         return self.outbox.push(text)
 
 
+@attrs.frozen
+class Join:
+    room_id: str
+    member: LocalMember
+    request_id: m.RequestId
+
+
+@attrs.frozen
+class Leave:
+    room: RoomHandle
+    peer_id: str
+
+
+@attrs.frozen
+class Relay:
+    room: RoomHandle
+    sender_id: str
+    to: str
+    text: str
+    request_id: m.RequestId
+
+
+Command = Join | Leave | Relay
+
+
+class State(enum.Enum):
+    OPEN = "open"
+    #: Our close frame is queued (or the codec's): waiting for the client's, or EOF, until ``deadline``.
+    CLOSING = "closing"
+    #: Nothing more to do: the shell closes the socket once its writer has written what is queued.
+    DONE = "done"
+
+
 class Session:
     def __init__(
         self,
-        ws: WebSocketConnection,
-        hub: RoomHub,
         limits: LimitsConfig,
-        remote: str,
+        outbox: Outbox,
+        now: float,
+        remote: str = "",
         tokens: JoinTokens | None = None,
+        new_id: Callable[[], str] = new_peer_id,
     ) -> None:
-        self._ws = ws
-        self._hub = hub
         self._limits = limits
+        self.outbox = outbox
         self.remote = remote
         self._tokens = tokens
-        now = trio.current_time()
+        self._new_id = new_id
         self._rate = MessageRate(limits.message_rate, limits.message_burst, limits.rate_limit_close_after, now)
         self._bounds = m.Bounds(
             username=limits.max_username_length,
@@ -76,100 +133,95 @@ class Session:
             candidate=limits.max_candidate_length,
             depth=limits.max_json_depth,
         )
-        #: Expires ``idle_timeout`` after the session last left a room; pushed to infinity in one.
-        self._idle = trio.CancelScope(deadline=now + limits.idle_timeout)
-        self.outbox = Outbox(limits.send_queue_bytes, self._evict)
-        self._peer: Peer | None = None
-        self._room: RoomTask | None = None
-        self._close_requested = trio.Event()
-        self._closed = trio.Event()
-        self._close_code = 1000
-        self._close_reason = ""
+        self.commands: list[Command] = []
+        self.state = State.OPEN
+        #: Set once a close is decided: the code and reason (ours, the codec's or the client's).
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._member: LocalMember | None = None
+        self._room: RoomHandle | None = None
+        self._room_id = ""
+        self._joining: LocalMember | None = None
+        self._pings_sent = 0
+        self._ping_at = now + limits.ping_interval
+        self._pong_by = math.inf
+        self._idle_at = now + limits.idle_timeout
+        self._close_by = math.inf
 
-    def request_close(self, code: int, reason: str) -> None:
-        """Ask for the connection to be closed; the first request's code wins."""
-        if not self._close_requested.is_set():
-            self._close_code, self._close_reason = code, reason
-            self._close_requested.set()
+    # -- what the shell reads
 
-    def _evict(self) -> None:
-        log.warning("%s: evicted, more than %d bytes unsent", self.remote, self._limits.send_queue_bytes)
-        self.request_close(CLOSE_POLICY, "send queue overflow: client is not reading")
+    @property
+    def deadline(self) -> float:
+        if self.state is State.OPEN:
+            return min(self._ping_at, self._pong_by, self._idle_at)
+        return self._close_by if self.state is State.CLOSING else -math.inf
 
-    async def run(self) -> None:
-        log.info("%s: connected", self.remote)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer)
-                nursery.start_soon(self._pinger)
-                nursery.start_soon(self._closer)
-                nursery.start_soon(self._idler)
-                await self._reader()
-                if self._close_requested.is_set():
-                    await self._closed.wait()  # let the closer finish its (bounded) handshake
-                nursery.cancel_scope.cancel()
-        finally:
-            self.outbox.close()
-            if self._room is not None and self._peer is not None:
-                with trio.CancelScope(shield=True, deadline=trio.current_time() + self._limits.close_timeout):
-                    await self._room.leave(self._peer.peer_id)
-            log.info("%s: disconnected", self.remote)
+    @property
+    def close_by(self) -> float:
+        """When the close handshake must be over (infinity until a close is decided)."""
+        return self._close_by
 
-    async def _reader(self) -> None:
-        max_bytes = self._limits.max_message_bytes
-        while True:
-            try:
-                frame = await self._ws.get_message()
-            except ConnectionClosed:
-                return
-            verdict = self._rate.check(trio.current_time())
-            if verdict is Verdict.CLOSE:
-                log.warning("%s: closed, %d messages over the rate limit", self.remote, self._rate.dropped)
-                self.request_close(CLOSE_POLICY, "rate limit exceeded")
-                return
-            if verdict is Verdict.DROP:
-                limits = self._limits
-                self._reply_error(
-                    m.RATE_LIMITED,
-                    f"message dropped: over {limits.message_rate:g} messages/s (burst {limits.message_burst})",
-                )
-                continue
-            if isinstance(frame, bytes):
-                self._reply_error(m.INVALID_MESSAGE, "binary frames are not supported; send JSON text frames")
-                continue
-            # Cheap bound first: a str of n characters encodes to at most 4n UTF-8 bytes.
-            if len(frame) * 4 > max_bytes and len(frame.encode()) > max_bytes:
-                self.request_close(CLOSE_TOO_BIG, f"message larger than {max_bytes} bytes")
-                return
-            await self._handle(m.parse(frame, self._bounds))
+    @property
+    def done(self) -> bool:
+        return self.state is State.DONE
 
-    async def _handle(self, message: m.ClientMessage | m.ProtocolError) -> None:
+    @property
+    def peer_id(self) -> str | None:
+        """The member's id while it is in a room."""
+        return self._member.peer_id if self._room is not None and self._member is not None else None
+
+    # -- events from the client
+
+    def text(self, frame: str, now: float) -> None:
+        if self.state is State.OPEN and self._admit(now):
+            self._handle(m.parse(frame, self._bounds), now)
+
+    def binary(self, now: float) -> None:
+        if self.state is State.OPEN and self._admit(now):
+            self._reply_error(m.INVALID_MESSAGE, "binary frames are not supported; send JSON text frames")
+
+    def _admit(self, now: float) -> bool:
+        verdict = self._rate.check(now)
+        if verdict is Verdict.ACCEPT:
+            return True
+        if verdict is Verdict.CLOSE:
+            log.warning("%s: closed, %d messages over the rate limit", self.remote, self._rate.dropped)
+            self.close(CLOSE_POLICY, "rate limit exceeded", now)
+        else:
+            limits = self._limits
+            self._reply_error(
+                m.RATE_LIMITED,
+                f"message dropped: over {limits.message_rate:g} messages/s (burst {limits.message_burst})",
+            )
+        return False
+
+    def _handle(self, message: m.ClientMessage | m.ProtocolError, now: float) -> None:
         match message:
             case m.Relay():
-                if self._room is None or self._peer is None:
+                if self._room is None or self._member is None:
                     self._reply_error(m.NOT_IN_ROOM, f"join a room before sending {message.type}", message.request_id)
                 else:
-                    log.debug("%s: %s %s -> %s", self.remote, message.type, self._peer.peer_id, message.to)
-                    text = m.encode_relay(message, self._peer.peer_id)
-                    await self._room.relay(self._peer.peer_id, message.to, text, message.request_id)
+                    sender = self._member.peer_id
+                    log.debug("%s: %s %s -> %s", self.remote, message.type, sender, message.to)
+                    text = m.encode_relay(message, sender)
+                    self.commands.append(Relay(self._room, sender, message.to, text, message.request_id))
             case m.JoinRoom():
-                await self._join(message)
+                self._join(message)
             case m.LeaveRoom():
-                if self._room is None or self._peer is None:
+                if self._room is None:
                     self._reply_error(m.NOT_IN_ROOM, "not in a room", message.request_id)
                 else:
-                    room, self._room = self._room, None
-                    self._idle.deadline = trio.current_time() + self._limits.idle_timeout
-                    await room.leave(self._peer.peer_id)
+                    self._leave()
+                    self._idle_at = now + self._limits.idle_timeout
             case m.Ping():
                 self.outbox.push(m.encode_pong(message.request_id))
             case m.ProtocolError():
                 self._reply_error(message.code, message.message, message.request_id)
 
-    async def _join(self, message: m.JoinRoom) -> None:
-        if self._room is not None:
+    def _join(self, message: m.JoinRoom) -> None:
+        if self._room is not None or self._joining is not None:
             self._reply_error(
-                m.ALREADY_IN_ROOM, f"already in room {self._room.room.id}; send leave-room first", message.request_id
+                m.ALREADY_IN_ROOM, f"already in room {self._room_id}; send leave-room first", message.request_id
             )
             return
         if self._tokens is not None:
@@ -178,51 +230,99 @@ class Session:
                 log.info("%s: join of room %s refused: %s", self.remote, message.room_id, problem)
                 self._reply_error(m.UNAUTHORIZED, problem, message.request_id)
                 return
-        peer = Peer(new_peer_id(), message.username, self.outbox)
-        # Shielded: once the room has the join it will seat the peer, and a session cancelled
-        # before hearing so would never send the matching leave, leaving a ghost member.
-        room = None
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + self._limits.close_timeout):
-            room = await self._hub.join(message.room_id, peer, message.request_id)
-        if room is not None:
-            self._peer, self._room = peer, room
-            self._idle.deadline = math.inf
+        self._joining = LocalMember(self._new_id(), message.username, self.outbox)
+        self._room_id = message.room_id
+        self._idle_at = math.inf
+        self.commands.append(Join(message.room_id, self._joining, message.request_id))
 
     def _reply_error(self, code: str, text: str, request_id: m.RequestId = None) -> None:
         self.outbox.push(m.encode_error(code, text, request_id))
 
-    async def _writer(self) -> None:
-        try:
-            while batch := await self.outbox.take():
-                for text in batch:
-                    await self._ws.send_message(text)
-                    self.outbox.written(len(text))
-        except ConnectionClosed:
-            pass
+    def _leave(self) -> None:
+        if self._room is not None and self._member is not None:
+            self.commands.append(Leave(self._room, self._member.peer_id))
+        self._room = self._member = None
 
-    async def _pinger(self) -> None:
-        while True:
-            await trio.sleep(self._limits.ping_interval)
-            with trio.move_on_after(self._limits.ping_timeout):
-                try:
-                    await self._ws.ping()
-                except ConnectionClosed:
-                    return
-                continue
-            log.info("%s: no pong within %.1f s, dropping", self.remote, self._limits.ping_timeout)
-            self.request_close(CLOSE_GOING_AWAY, "ping timeout")
+    # -- outcomes of commands
+
+    def joined(self, room: RoomHandle, now: float) -> None:
+        """The room seated the member of the last :class:`Join` (and told it ``joined-room``)."""
+        member, self._joining = self._joining, None
+        assert member is not None, "joined() without a Join"
+        if self.state is State.OPEN:
+            self._member, self._room = member, room
+        else:  # closed while the room was seating it: it must not stay behind as a ghost
+            self.commands.append(Leave(room, member.peer_id))
+
+    def join_refused(self, now: float) -> None:
+        """The room refused the last :class:`Join` (and told the member why)."""
+        self._joining = None
+        if self.state is State.OPEN:
+            self._idle_at = now + self._limits.idle_timeout
+
+    # -- keep-alive and timeouts
+
+    def pong(self, payload: bytes, now: float) -> None:
+        if self._pong_by != math.inf and payload == self._ping_payload():
+            self._pong_by = math.inf
+            self._ping_at = now + self._limits.ping_interval
+
+    def _ping_payload(self) -> bytes:
+        return str(self._pings_sent).encode()
+
+    def timer(self, now: float) -> None:
+        if self.state is State.CLOSING:
+            if now >= self._close_by:
+                log.info("%s: close handshake not finished within %g s", self.remote, self._limits.close_timeout)
+                self.state = State.DONE
             return
+        if self.state is not State.OPEN:
+            return
+        if now >= self._pong_by:
+            log.info("%s: no pong within %.1f s, dropping", self.remote, self._limits.ping_timeout)
+            self.close(CLOSE_GOING_AWAY, "ping timeout", now)
+        elif now >= self._idle_at:
+            timeout = self._limits.idle_timeout
+            log.info("%s: closed, not in a room for %g s", self.remote, timeout)
+            self.close(CLOSE_NORMAL, f"idle: not in a room for {timeout:g} s", now)
+        elif now >= self._ping_at:
+            self._pings_sent += 1
+            self.outbox.control(Ping(self._ping_payload()))
+            self._ping_at = math.inf
+            self._pong_by = now + self._limits.ping_timeout
 
-    async def _idler(self) -> None:
-        with self._idle:
-            await trio.sleep_forever()
-        timeout = self._limits.idle_timeout
-        log.info("%s: closed, not in a room for %g s", self.remote, timeout)
-        self.request_close(CLOSE_NORMAL, f"idle: not in a room for {timeout:g} s")
+    # -- the end
 
-    async def _closer(self) -> None:
-        await self._close_requested.wait()
-        self.outbox.close()
-        with trio.move_on_after(self._limits.close_timeout):
-            await self._ws.aclose(self._close_code, self._close_reason)
-        self._closed.set()
+    def close(self, code: int, reason: str, now: float) -> None:
+        """Close with ``code``: the member leaves now, the close frame goes after what is being written."""
+        if self.state is not State.OPEN:
+            return
+        self._closing(code, reason, now)
+        self.outbox.finish(Close(code, reason))
+
+    def overflowed(self, now: float) -> None:
+        """The outbox refused a frame: the client is not reading. Evict it (its room has already)."""
+        log.warning("%s: evicted, more than %d bytes unsent", self.remote, self._limits.send_queue_bytes)
+        self.close(CLOSE_POLICY, "send queue overflow: client is not reading", now)
+
+    def failed(self, code: int, reason: str, now: float) -> None:
+        """The codec failed the connection and queued its close frame; wait for EOF, bounded."""
+        if self.state is State.OPEN:
+            log.info("%s: closed with %d: %s", self.remote, code, reason)
+            self._closing(code, reason, now)
+
+    def peer_closed(self, now: float) -> None:
+        """The client's close frame: it answers ours, or the codec has queued the echo."""
+        if self.state is State.OPEN:
+            self._closing(None, "", now)
+        self.state = State.DONE
+
+    def socket_closed(self, now: float) -> None:
+        self._leave()
+        self.state = State.DONE
+
+    def _closing(self, code: int | None, reason: str, now: float) -> None:
+        self.state = State.CLOSING
+        self.close_code, self.close_reason = code, reason
+        self._close_by = now + self._limits.close_timeout
+        self._leave()

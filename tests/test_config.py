@@ -27,7 +27,7 @@ def test_defaults_match_the_documented_ones() -> None:
     assert (limits.message_rate, limits.message_burst, limits.rate_limit_close_after) == (1000.0, 2000, 1000)
     assert (limits.max_connections, limits.max_connections_per_ip) == (100_000, 10_000)
     assert (limits.room_create_rate, limits.room_create_burst, limits.idle_timeout) == (10.0, 200, 600.0)
-    assert (limits.max_sdp_length, limits.max_candidate_length) == (32768, 1024)
+    assert (limits.max_sdp_length, limits.max_candidate_length) == (65536, 1024)  # sdp: max_message_bytes
     assert (limits.max_username_length, limits.max_json_depth) == (64, 32)
     assert (config.auth.secret, config.auth.api_keys) == ("", ())  # access control is off by default
     # One process on its own: no Redis, no shared port.

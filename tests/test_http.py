@@ -91,6 +91,21 @@ async def test_body_over_64k_is_413(server: Server) -> None:
     assert status == 413 and reply["error"] == "payload-too-large"
 
 
+async def test_errors_the_transport_answers_carry_cors_headers(server_factory: Callable[..., Any]) -> None:
+    """A browser page can read why its request failed, whatever failed it."""
+    server = await server_factory(cors={"allowed_origins": ["https://app.example"]}, server={"request_timeout": 0.3})
+    origin = [("Origin", "https://app.example")]
+    status, headers, _ = await http_request(server.port, "POST", "/api/rooms", b"{" + b" " * 70_000 + b"}", origin)
+    assert status == 413 and headers["access-control-allow-origin"] == "https://app.example"
+    head = b"POST /api/rooms HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example\r\n"
+    reply = await raw_exchange(server.port, head + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400 ") and b"access-control-allow-origin: https://app.example" in reply.lower()
+    reply = await raw_exchange(server.port, head + b"Content-Length: 5\r\n\r\n{")  # and then nothing: 408
+    assert reply.startswith(b"HTTP/1.1 408 ") and b"access-control-allow-origin: https://app.example" in reply.lower()
+    status, headers, _ = await http_request(server.port, "GET", "/nope", headers=origin)
+    assert status == 404 and headers["access-control-allow-origin"] == "https://app.example"
+
+
 async def test_unknown_room_path_and_method(server: Server) -> None:
     assert server.port
     status, _, reply = await http_request(server.port, "GET", "/api/rooms/does-not-exist")
@@ -218,3 +233,64 @@ async def test_websocket_upgrade_needs_a_valid_handshake(server: Server) -> None
     assert reply.startswith(b"HTTP/1.1 426 ") and b"sec-websocket-version: 13" in reply.lower()
     reply = await raw_exchange(server.port, head + b"Sec-WebSocket-Version: 13\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 400 ")
+
+
+KEY = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "code"),
+    [
+        (b"POST /ws HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405, "method-not-allowed"),
+        (
+            b"POST /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" + KEY + b"\r\n",
+            400,
+            "bad-upgrade",
+        ),
+        (b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n" + KEY + b"\r\n", 400, "bad-upgrade"),
+        (
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive\r\n" + KEY + b"\r\n",
+            400,
+            "bad-upgrade",
+        ),
+        (
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: c2hvcnQ=\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            400,
+            "bad-upgrade",
+        ),  # 5 bytes, not 16
+        (
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: not base64 at all!!!!!!\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            400,
+            "bad-upgrade",
+        ),
+    ],
+    ids=["post-no-upgrade", "post-upgrade", "not-websocket", "no-connection-upgrade", "short-key", "garbled-key"],
+)
+async def test_every_refused_upgrade_gets_the_documented_json_error(
+    server: Server, request_bytes: bytes, status: int, code: str
+) -> None:
+    """RFC 6455's checks, one validator, one error shape; the connection slot is free at once."""
+    assert server.port
+    reply = await raw_exchange(server.port, request_bytes)
+    assert reply.startswith(b"HTTP/1.1 %d " % status), reply[:80]
+    assert b'"error":"%s"' % code.encode() in reply
+    assert server.connections.total == 0
+
+
+async def test_the_101_proves_the_key_as_rfc_6455_says(server: Server) -> None:
+    assert server.port
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        await stream.send_all(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\n" + KEY + b"\r\n"
+        )
+        head = b""
+        with trio.fail_after(TIMEOUT):
+            while b"\r\n\r\n" not in head:
+                head += await stream.receive_some(4096)
+    assert head.startswith(b"HTTP/1.1 101 ")
+    fields = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:] if line)
+    accept = {name.lower(): value for name, value in fields.items()}[b"sec-websocket-accept"]
+    assert accept == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455 section 1.3's own example

@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from signald._outbox import Outbox
+from signald._outbox import Close, Item, Outbox, Ping
 
 
 async def test_take_returns_everything_queued_in_order() -> None:
@@ -33,23 +33,54 @@ async def test_take_waits_for_a_push() -> None:
     assert got == [["x"]]
 
 
-async def test_overflow_counts_unwritten_batch_and_reports_once() -> None:
+async def test_overflow_counts_unwritten_batch_drops_the_queue_and_reports_once() -> None:
     overflows: list[int] = []
     box = Outbox(10, lambda: overflows.append(1))
     assert box.push("12345")
     assert await box.take() == ["12345"]  # taken but not yet written: still unsent
+    box.control(b"pong")
     assert box.push("123")
     assert not box.push("123")  # 5 + 3 + 3 > 10
     assert overflows == [1]
     assert box.closed
     assert not box.push("1")
     assert overflows == [1]
+    box.finish(Close(1008, "overflow"))  # what the session does when told
+    assert await box.take() == [Close(1008, "overflow")]  # the queue was dropped, pong included
     assert await box.take() == []
 
 
-async def test_close_wakes_a_waiting_taker() -> None:
+async def test_control_frames_keep_their_place_and_are_not_counted() -> None:
+    box = Outbox(4, lambda: None)
+    assert box.push("ab")
+    box.control(Ping(b"1"))
+    box.control(b"\x8a\x00")
+    assert box.push("cd")
+    assert box.unsent_bytes == 4
+    assert await box.take() == ["ab", Ping(b"1"), b"\x8a\x00", "cd"]
+
+
+async def test_finish_sends_what_is_queued_then_the_last_frame_then_nothing() -> None:
+    box = Outbox(100, lambda: None)
+    box.push("reply")
+    box.finish(Close(1001, "bye"))
+    box.finish(Close(1000, "second"))  # the first close wins
+    assert not box.push("late")
+    box.control(Ping(b"late"))
+    assert await box.take() == ["reply", Close(1001, "bye")]
+    assert await box.take() == []
+
+
+async def test_finish_wakes_a_waiting_taker() -> None:
     box = Outbox(10, lambda: None)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(box.take)
-        await trio.testing.wait_all_tasks_blocked()
-        box.close()
+    got: list[list[Item]] = []
+
+    async def taker() -> None:
+        got.append(await box.take())
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(taker)
+            await trio.testing.wait_all_tasks_blocked()
+            box.finish()
+    assert got == [[]]

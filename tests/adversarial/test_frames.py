@@ -99,7 +99,9 @@ async def test_wrong_types_for_every_field(server: Server) -> None:
         ({"type": "join-room", "roomId": "r", "username": "u" * 60_000}, "invalid-message"),
         ({"type": "join-room", "roomId": "r" * 60_000, "username": "u"}, "invalid-message"),
         ({"type": "join-room", "roomId": "r", "username": "u", "token": "t" * 60_000}, "invalid-message"),
-        ({"type": "webrtc-offer", "to": PEER, "sdp": "v" * 60_000}, "invalid-message"),
+        # Not a huge string: a 60,000-character SDP fits the default max_message_bytes, so it is
+        # relayed (here: refused only because the sender is in no room).
+        ({"type": "webrtc-offer", "to": PEER, "sdp": "v" * 60_000}, "not-in-room"),
         ({"type": "webrtc-offer", "to": "p" * 60_000, "sdp": "v=0"}, "invalid-message"),
         ({"type": "ice-candidate", "to": PEER, "candidate": {"candidate": "c" * 60_000}}, "invalid-message"),
         (
@@ -156,36 +158,43 @@ async def test_binary_frames_and_unknown_types(server: Server) -> None:
         await bad.roundtrip_ping()
 
 
-#: trio-websocket answers a frame that breaks the WebSocket protocol itself by dropping the TCP
-#: connection without a close frame, so the client sees an abnormal closure.
-DROPPED = 1006
+#: RFC 6455 close codes: the server fails a connection that breaks the WebSocket protocol with a
+#: close frame that says why, then closes the TCP connection.
+PROTOCOL_ERROR, INVALID_DATA, TOO_BIG = 1002, 1007, 1009
 
 
 @pytest.mark.parametrize(
     ("frames", "close_code"),
     [
-        # Text that is not UTF-8 (1007 inside the server).
-        ([frame(TEXT, b'{"type":"ping","x":"\xff\xfe"}')], DROPPED),
-        ([frame(TEXT, b"\xc3", fin=False), frame(CONTINUATION, b"(")], DROPPED),
+        # Text that is not UTF-8: in one frame, across continuation frames, in a close reason.
+        ([frame(TEXT, b'{"type":"ping","x":"\xff\xfe"}')], INVALID_DATA),
+        ([frame(TEXT, b"\xc3", fin=False), frame(CONTINUATION, b"(")], INVALID_DATA),
+        ([frame(TEXT, b'{"x":"\xed\xa0', fin=False), frame(CONTINUATION, b'\x80"}')], INVALID_DATA),  # a surrogate
+        ([frame(TEXT, b'{"x":"\xc3', fin=False), frame(CONTINUATION, b'"}', fin=False)], INVALID_DATA),  # told early
+        ([frame(CLOSE, b"\x03\xe8\xff")], INVALID_DATA),
         # A continuation with nothing to continue; a new message while one is unfinished.
-        ([frame(CONTINUATION, b'{"type":"ping"}')], DROPPED),
-        ([frame(TEXT, b'{"type":', fin=False), frame(TEXT, b'"ping"}')], DROPPED),
+        ([frame(CONTINUATION, b'{"type":"ping"}')], PROTOCOL_ERROR),
+        ([frame(TEXT, b'{"type":', fin=False), frame(TEXT, b'"ping"}')], PROTOCOL_ERROR),
         # A fragmented control frame; a control frame over 125 bytes; a one-byte close payload.
-        ([frame(PING, b"x", fin=False)], DROPPED),
-        ([frame(PING, b"x" * 126)], DROPPED),
-        ([frame(CLOSE, b"\x00")], DROPPED),
+        ([frame(PING, b"x", fin=False)], PROTOCOL_ERROR),
+        ([frame(PING, b"x" * 126)], PROTOCOL_ERROR),
+        ([frame(CLOSE, b"\x00")], PROTOCOL_ERROR),
+        # A close code no endpoint may send.
+        ([frame(CLOSE, b"\x03\xed")], PROTOCOL_ERROR),
         # Unmasked client frame, reserved bits, reserved opcodes.
-        ([frame(TEXT, b'{"type":"ping"}', masked=False)], DROPPED),
-        ([frame(TEXT, b'{"type":"ping"}', rsv=0b100)], DROPPED),
-        ([frame(0x3, b"")], DROPPED),
-        ([frame(0xB, b"")], DROPPED),
-        # A 64-bit length with the top bit set is not a length at all.
-        ([frame(TEXT, b"", length=2**63)], DROPPED),
+        ([frame(TEXT, b'{"type":"ping"}', masked=False)], PROTOCOL_ERROR),
+        ([frame(TEXT, b'{"type":"ping"}', rsv=0b100)], PROTOCOL_ERROR),
+        ([frame(0x3, b"")], PROTOCOL_ERROR),
+        ([frame(0xB, b"")], PROTOCOL_ERROR),
+        # A 64-bit length with the top bit set is past any limit (and not a length at all).
+        ([frame(TEXT, b"", length=2**63)], TOO_BIG),
         # Too big: one frame, a frame claiming 1 TiB (refused once past the limit, not
         # buffered up to it), or many small fragments adding up.
-        ([frame(TEXT, b"x" * 2000)], 1009),
-        ([frame(TEXT, b"x" * 2048, length=2**40)], 1009),
-        ([frame(TEXT, b"x" * 100, fin=False)] + [frame(CONTINUATION, b"x" * 100, fin=False)] * 30, 1009),
+        ([frame(TEXT, b"x" * 2000)], TOO_BIG),
+        ([frame(TEXT, b"x" * 2048, length=2**40)], TOO_BIG),
+        ([frame(TEXT, b"x" * 100, fin=False)] + [frame(CONTINUATION, b"x" * 100, fin=False)] * 30, TOO_BIG),
+        # Counted in bytes: 600 two-byte characters are 1200 bytes, over the 1024 allowed.
+        ([frame(TEXT, '{"x":"{}"}'.replace("{}", "é" * 600).encode())], TOO_BIG),
     ],
 )
 async def test_broken_framing_and_oversize_frames_close(
@@ -198,6 +207,7 @@ async def test_broken_framing_and_oversize_frames_close(
         await bad.send(b"".join(frames[1:]))
         assert await bad.expect_close() == close_code
         await pair.exchange()
+        await bad.aclose()  # as a client does once it has the close (the server waits that long at most)
         await wait_until(lambda: server.connections.total == 2)  # the abuser's connection is gone
 
 
