@@ -278,6 +278,12 @@ class ClusterHub(RoomHub):
     def problem(self) -> str | None:
         return None if self._link.available else self._link.problem
 
+    @property
+    def user_count(self) -> int:
+        """Members connected to this node (its mirrors of other nodes' members not counted)."""
+        seats = (seat for task in self._rooms.values() for seat in task.room.seats.values())
+        return sum(not isinstance(seat.member, RemoteMember) for seat in seats)
+
     def _local_task(self, room_id: str) -> ClusterRoomTask:
         task = self._rooms.get(room_id)
         if isinstance(task, ClusterRoomTask):

@@ -118,6 +118,7 @@ async def test_join_is_seated_when_its_event_returns_and_lists_members_of_other_
         await settle()
         assert a.frames[-1] == {"type": "user-joined", "roomId": "r", "peerId": "c", "username": "C"}
         assert [seat.member.peer_id for seat in task.room.seats.values()] == ["b", "a", "c"]
+        assert hub.user_count == 1  # members of other nodes are mirrored here, not counted
         nursery.cancel_scope.cancel()
 
 
