@@ -210,3 +210,67 @@ async def test_a_stalled_node_is_swept_then_registers_its_members_again(tmp_path
             await b.client.send(type="webrtc-offer", to=a.client.peer_id, sdp="still here")
             await a.wait_for(lambda f: any(x.get("sdp") == "still here" for x in f), "relay from b", TIMEOUT)
             assert sorted(await room_members(one, "r")) == sorted([a.client.peer_id, b.client.peer_id])
+
+
+async def test_a_node_stopped_with_sigterm_lets_its_members_leave_at_once(tmp_path: Path) -> None:
+    """A rolling restart: the drain's leaves go through Redis, no waiting for node_timeout."""
+    async with redis_server() as redis, node_factory(tmp_path, redis.url) as start:
+        one, two = await start(2)
+        async with watching(one.port, "r", "a") as a:
+            with trio.CancelScope() as gone:
+                async with connect(two.port) as b:
+                    await b.join("r", "b")
+                    await a.wait_for(lambda _: a.members() == {b.peer_id}, "b joined", TIMEOUT)
+                    two.process.terminate()
+                    await a.wait_for(lambda _: a.members() == set(), "b left with the drain", NODE_TIMEOUT)
+                    gone.cancel()
+            assert (await one.health())["users"] == 1
+            assert "is gone" not in one.log  # b left in the drain, not in a sweep for a dead node
+
+
+async def test_concurrent_joins_on_three_processes_keep_capacity_and_one_order(tmp_path: Path) -> None:
+    async with redis_server() as redis, node_factory(tmp_path, redis.url) as start:
+        nodes = await start(3)
+        five = {"name": "Five", "maxParticipants": 5}
+        status, _, room = await http_request(nodes[0].port, "POST", "/api/rooms", five)
+        assert status == 201
+        replies: list[dict[str, Any]] = []
+        seated: list[Watcher] = []
+        all_answered = trio.Event()
+
+        async def join(i: int) -> None:
+            async with connect(nodes[i % 3].port) as client:
+                await client.send(type="join-room", roomId=room["id"], username=f"u{i}")
+                reply = await client.recv()
+                replies.append(reply)
+                if len(replies) == 12:
+                    all_answered.set()
+                if reply["type"] == "joined-room":
+                    client.peer_id = reply["peerId"]
+                    watcher = Watcher(client)
+                    watcher.frames.append(reply)
+                    seated.append(watcher)
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(watcher.read)
+                        with trio.fail_after(TIMEOUT):
+                            await all_answered.wait()
+                            everyone = {w.client.peer_id for w in seated}
+                            await watcher.wait_for(
+                                lambda _: watcher.members() | {client.peer_id} == everyone, "all seated", TIMEOUT
+                            )
+                        nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for i in range(12):
+                nursery.start_soon(join, i)
+        assert sorted(r["type"] if r["type"] == "joined-room" else r["code"] for r in replies) == (
+            ["joined-room"] * 5 + ["room-full"] * 7
+        )
+        # One order for all: each member's joined-room list plus the user-joined it saw after,
+        # is the same sequence, cut at its own place.
+        orders = []
+        for watcher in seated:
+            joined = watcher.frames[0]
+            later = [f["peerId"] for f in watcher.frames[1:] if f["type"] == "user-joined"]
+            orders.append([p["peerId"] for p in joined["participants"]] + [joined["peerId"], *later])
+        assert all(order == orders[0] for order in orders), orders
