@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from typing import Literal, Protocol
 
@@ -220,9 +220,6 @@ class RoomHub:
         self._clock = clock
         self._store = store
         self._rooms: dict[str, RoomTask] = {}
-
-    def __iter__(self) -> Iterator[Room]:
-        return (task.room for task in self._rooms.values())
 
     def __len__(self) -> int:
         return len(self._rooms)
