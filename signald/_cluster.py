@@ -289,7 +289,7 @@ class ClusterHub(RoomHub):
         if isinstance(task, ClusterRoomTask):
             return task
         # Name and capacity arrive with the room's first event (its "meta").
-        room = Room(room_id, room_id, self.config.max_participants, self._clock(), persistent=False)
+        room = Room(room_id, room_id, self.config.max_participants, self._clock(), persistent=False, evicts=False)
         task = ClusterRoomTask(room, self._link, self._clock)
         self._rooms[room_id] = task
         self._nursery.start_soon(task.run, self, name=f"room {room_id}")

@@ -48,6 +48,10 @@ class Room:
     #: join) it disappears with its last member.
     persistent: bool
     seats: dict[str, Seat] = attrs.field(factory=dict)  # insertion order is join order
+    #: Remove a member whose queue overflowed, here and now. Off where membership is decided
+    #: elsewhere (the cluster's script in Redis): the overflowing connection closes, and its
+    #: leave comes back in the room's order like any other.
+    evicts: bool = True
     _evicted: list[str] = attrs.field(factory=list, init=False)
 
     @property
@@ -102,7 +106,7 @@ class Room:
         self._settle()
 
     def _deliver(self, member: Member, text: str) -> None:
-        if not member.deliver(text) and member.peer_id not in self._evicted:
+        if not member.deliver(text) and self.evicts and member.peer_id not in self._evicted:
             self._evicted.append(member.peer_id)
 
     def _broadcast(self, text: str, exclude: str | None = None) -> None:

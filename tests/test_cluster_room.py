@@ -246,3 +246,21 @@ async def test_a_leave_while_redis_is_away_is_applied_here_now_and_there_later()
         assert a.frames[-1] == {"type": "user-left", "roomId": "r", "peerId": "d", "username": "D"}
         assert link.left_soon == [("r", "d")]
         nursery.cancel_scope.cancel()
+
+
+async def test_an_overflowing_member_stays_until_its_leave_comes_back_in_order() -> None:
+    """Eviction is the connection's business here: the room waits for the numbered leave."""
+    async with trio.open_nursery() as nursery:
+        hub = make_hub(nursery, FakeLink())
+        a, slow = FakeMember("a", "A"), FakeMember("s", "S", capacity=1)
+        [task] = await joined(hub, slow, join_event("s", HERE, others=[("b", THERE)]), nursery)
+        await joined(hub, a, join_event("a", HERE), nursery)  # slow's queue is full from here on
+        assert task is not None
+        await hub.dispatch(join_event("c", THERE))
+        await settle()
+        assert sorted(task.room.seats) == ["a", "b", "c", "s"]
+        assert [f["peerId"] for f in a.frames if f["type"] == "user-joined"] == ["c"]  # no user-left for s yet
+        await hub.dispatch({"r": "r", "k": "leave", "p": "s"})
+        await settle()
+        assert a.frames[-1] == {"type": "user-left", "roomId": "r", "peerId": "s", "username": "S"}
+        nursery.cancel_scope.cancel()
