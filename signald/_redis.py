@@ -317,11 +317,11 @@ class RedisLink:
         await item.done.wait()
         return item.result
 
-    def submit(self, operation: str, room: str, *args: Any) -> bool:
+    def submit(self, operation: str, room: str, *args: Any, on_fail: Callable[[], None] | None = None) -> bool:
         """Queue a script operation whose reply nobody waits for; False if Redis is away."""
         if not self.available:
             return False
-        self._send.send_nowait(_Item(self._script(operation, room, *args)))
+        self._send.send_nowait(_Item(self._script(operation, room, *args), on_fail=on_fail))
         return True
 
     def relay(self, node: str, room: str, sender_id: str, to: str, text: str, on_fail: Callable[[], None]) -> bool:
@@ -342,8 +342,12 @@ class RedisLink:
 
     def leave_soon(self, room: str, peer_id: str) -> None:
         """Make sure ``peer_id`` leaves ``room`` in Redis, now or once Redis is back."""
-        if not self.submit("leave", room, peer_id, _ms(), self._idle_ms()):
+
+        def orphan() -> None:
             self._orphans.add((room, peer_id))
+
+        if not self.submit("leave", room, peer_id, _ms(), self._idle_ms(), on_fail=orphan):
+            orphan()
 
     def _idle_ms(self) -> int:
         return int(self._rooms.idle_ttl * 1000)
@@ -475,9 +479,9 @@ class RedisLink:
             await self._renew(client)
             self._client, self.available, self.problem, self._up = client, True, None, True
             log.info("cluster: node %s connected to redis", self.node)
-            for room, peer_id in sorted(self._orphans):
-                self.submit("leave", room, peer_id, _ms(), self._idle_ms())
-            self._orphans.clear()
+            orphans, self._orphans = sorted(self._orphans), set()
+            for room, peer_id in orphans:
+                self.leave_soon(room, peer_id)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write, client)
                 nursery.start_soon(self._keep_lease, client)
