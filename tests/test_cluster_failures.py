@@ -213,7 +213,8 @@ async def test_a_stalled_node_is_swept_then_registers_its_members_again(tmp_path
 
 
 async def test_a_node_stopped_with_sigterm_lets_its_members_leave_at_once(tmp_path: Path) -> None:
-    """A rolling restart: the drain's leaves go through Redis, no waiting for node_timeout."""
+    """A rolling restart: the drain's leaves go through Redis, no waiting for node_timeout;
+    and the rooms live in Redis, not in any node."""
     async with redis_server() as redis, node_factory(tmp_path, redis.url) as start:
         one, two = await start(2)
         async with watching(one.port, "r", "a") as a:
@@ -226,6 +227,15 @@ async def test_a_node_stopped_with_sigterm_lets_its_members_leave_at_once(tmp_pa
                     gone.cancel()
             assert (await one.health())["users"] == 1
             assert "is gone" not in one.log  # b left in the drain, not in a sweep for a dead node
+        # Redis is the room store: a posted room outlives every node that ever listed it.
+        status, _, posted = await http_request(one.port, "POST", "/api/rooms", {"name": "Kept"})
+        assert status == 201
+        one.process.terminate()
+        [fresh] = await start(1)
+        status, _, listing = await http_request(fresh.port, "GET", "/api/rooms")
+        assert [r["id"] for r in listing["rooms"]] == [posted["id"]]
+        async with connect(fresh.port) as c:
+            await c.join(posted["id"], "c")
 
 
 async def test_concurrent_joins_on_three_processes_keep_capacity_and_one_order(tmp_path: Path) -> None:
