@@ -32,10 +32,13 @@ PHASE_TIMEOUT = 60.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 UPGRADE = (
-    b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
 )
-RELAY_PREFIX = b'{"type":"ice-candidate"'
+#: How each protocol's relayed candidate starts, as its server sends it.
+#: The line scenario A prints on stdout once warmed up, before its window.
+WARM = "warm"
+RELAY_PREFIX = {"signald": b'{"type":"ice-candidate"', "peerjs": b'{"type":"CANDIDATE"'}
 #: Where the send timestamp sits in a candidate: ``ts`` and 20 digits of perf_counter_ns.
 TS_MARK = b" ts"
 TS_DIGITS = 20
@@ -78,17 +81,25 @@ def split_frames(buf: bytearray) -> list[tuple[int, bytes]]:
     return frames
 
 
-def candidate_message(to: str, timestamp: int = 0) -> bytes:
-    """An ``ice-candidate`` of about 250 bytes, like a browser's srflx candidate."""
+def candidate_message(to: str, timestamp: int = 0, protocol: str = "signald") -> bytes:
+    """An ICE candidate of about 250 bytes, like a browser's srflx candidate.
+
+    signald's is an ``ice-candidate`` addressed ``to`` a member; PeerJS's is what its client
+    library sends: a ``CANDIDATE`` addressed by ``dst``, with the candidate in ``payload``.
+    """
     candidate = (
         "candidate:842163049 1 udp 1677729535 198.51.100.23 54321 typ srflx "
         f"generation 0 ufrag Xy12{TS_MARK.decode()}{timestamp:0{TS_DIGITS}d}"
     )
-    message = {
-        "type": "ice-candidate",
-        "to": to,
-        "candidate": {"candidate": candidate, "sdpMid": "0", "sdpMLineIndex": 0, "usernameFragment": "Xy12"},
-    }
+    ice = {"candidate": candidate, "sdpMid": "0", "sdpMLineIndex": 0, "usernameFragment": "Xy12"}
+    if protocol == "peerjs":
+        message: dict[str, Any] = {
+            "type": "CANDIDATE",
+            "payload": {"candidate": ice, "type": "media", "connectionId": "mc_x7k2p9q4w1"},
+            "dst": to,
+        }
+    else:
+        message = {"type": "ice-candidate", "to": to, "candidate": ice}
     return json.dumps(message, separators=(",", ":")).encode()
 
 
@@ -98,13 +109,27 @@ def timestamp_of(payload: bytes) -> int:
 
 
 class Client(asyncio.Protocol):
-    """One WebSocket client; ``on_relay`` sees every relayed candidate it receives."""
+    """One WebSocket client; ``on_relay`` sees the relayed candidates of each read, together.
 
-    def __init__(self, on_relay: Callable[[Client, bytes], None] | None = None) -> None:
+    With ``--protocol peerjs`` it is a PeerJS client instead: it connects with its own id
+    (PeerJS has no rooms: two ids are a pair), and the server's ``OPEN`` stands for
+    ``joined-room``.
+    """
+
+    ids = 0  # PeerJS ids handed out so far in this process
+
+    def __init__(self, on_relay: Callable[[Client, list[bytes]], None] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.upgraded = False
         self.peer_id = ""
+        self.relay_prefix = RELAY_PREFIX[ARGS.protocol]
+        if ARGS.protocol == "peerjs":
+            Client.ids += 1
+            self.peer_id = f"bench{Client.ids}"
+            self.path = f"/peerjs?key=peerjs&id={self.peer_id}&token=t{Client.ids}"
+        else:
+            self.path = "/ws"
         self.joined: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.on_relay = on_relay
@@ -117,7 +142,7 @@ class Client(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.write(UPGRADE)
+        transport.write(UPGRADE.format(path=self.path).encode())
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
@@ -138,22 +163,27 @@ class Client(asyncio.Protocol):
             self.upgraded = True
             del self.buf[: end + 4]
             self.send(self.first)
+        relays = []
         for opcode, payload in split_frames(self.buf):
             if opcode == 0x1:
-                if payload.startswith(RELAY_PREFIX) and self.on_relay is not None:
-                    self.on_relay(self, payload)
+                if payload.startswith(self.relay_prefix) and self.on_relay is not None:
+                    relays.append(payload)
                 else:
                     self.on_control(json.loads(payload))
             elif opcode == 0x9:  # ping: answer, or signald's keep-alive drops idle clients
                 self.send(client_frame(payload, 0xA))
             elif opcode == 0x8:
                 self.close()
+        if relays and self.on_relay is not None:
+            self.on_relay(self, relays)
 
     def on_control(self, message: dict[str, Any]) -> None:
         if message.get("type") == "joined-room" and not self.joined.done():
             self.peer_id = message["peerId"]
             self.joined.set_result(message)
-        elif message.get("type") == "error":
+        elif message.get("type") == "OPEN" and not self.joined.done():
+            self.joined.set_result(message)
+        elif message.get("type") in ("error", "ERROR", "ID-TAKEN"):
             print(f"loadgen: server error {message}", file=sys.stderr)
 
     def send(self, data: bytes) -> None:
@@ -161,6 +191,8 @@ class Client(asyncio.Protocol):
             self.transport.write(data)
 
     def join_on_upgrade(self, room_id: str, username: str) -> None:
+        if ARGS.protocol == "peerjs":
+            return  # connecting is joining: the server answers with OPEN
         message = {"type": "join-room", "roomId": room_id, "username": username}
         self.first = client_frame(json.dumps(message).encode())
 
@@ -170,7 +202,7 @@ class Client(asyncio.Protocol):
 
 
 async def connect_and_join(
-    room_id: str, on_relay: Callable[[Client, bytes], None] | None = None
+    room_id: str, on_relay: Callable[[Client, list[bytes]], None] | None = None
 ) -> tuple[Client, float]:
     """Connect, upgrade, join ``room_id``; the client and its connect-to-joined time."""
     loop = asyncio.get_running_loop()
@@ -247,14 +279,14 @@ def close_all(clients: list[Client]) -> None:
         client.close()
 
 
-async def join_pairs(pairs: int, on_relay: Callable[[Client, bytes], None]) -> list[Client]:
+async def join_pairs(pairs: int, on_relay: Callable[[Client, list[bytes]], None]) -> list[Client]:
     rooms = [f"p{i}" for i in range(pairs) for _ in range(2)]
     clients, _ = await join_all(rooms, ARGS.concurrency, on_relay)
     for first, second in zip(clients[::2], clients[1::2], strict=True):
         first.partner, second.partner = second, first
     for client in clients:
         assert client.partner is not None
-        client.frame = client_frame(candidate_message(client.partner.peer_id))
+        client.frame = client_frame(candidate_message(client.partner.peer_id, 0, ARGS.protocol))
     return clients
 
 
@@ -263,17 +295,19 @@ async def throughput() -> dict[str, Any]:
     received = 0
     running = True
 
-    def on_relay(client: Client, payload: bytes) -> None:
+    def on_relay(client: Client, payloads: list[bytes]) -> None:
         nonlocal received
-        received += 1
+        received += len(payloads)
         sender = client.partner
         if running and sender is not None:
-            sender.send(sender.frame)  # one delivered, so its sender may put one more in flight
+            # As many delivered, so many more its sender may put in flight: in one write.
+            sender.send(sender.frame * len(payloads))
 
     clients = await join_pairs(ARGS.pairs, on_relay)
     for client in clients:
         client.send(client.frame * ARGS.window)
     await asyncio.sleep(ARGS.warmup)
+    print(WARM, flush=True)  # bench.py's profiler starts sampling here, whatever the joins took
     before, meter = received, CpuMeter(ARGS.server_pid)
     await asyncio.sleep(ARGS.duration)
     count, cpu = received - before, meter.stop()
@@ -291,9 +325,10 @@ async def latency() -> dict[str, Any]:
     samples: list[int] = []
     recording = False
 
-    def on_relay(client: Client, payload: bytes) -> None:
+    def on_relay(client: Client, payloads: list[bytes]) -> None:
         if recording:
-            samples.append(time.perf_counter_ns() - timestamp_of(payload))
+            now = time.perf_counter_ns()
+            samples.extend(now - timestamp_of(payload) for payload in payloads)
 
     clients = await join_pairs(ARGS.pairs, on_relay)
     templates = [c.partner.peer_id if c.partner else "" for c in clients]
@@ -315,7 +350,7 @@ async def latency() -> dict[str, Any]:
         due = int((now - started) * ARGS.rate)
         while sent < due:
             i = sent % len(clients)
-            clients[i].send(client_frame(candidate_message(templates[i], time.perf_counter_ns())))
+            clients[i].send(client_frame(candidate_message(templates[i], time.perf_counter_ns(), ARGS.protocol)))
             sent += 1
         loop.call_later(0.001, tick)
 
@@ -369,6 +404,7 @@ async def join_storm() -> dict[str, Any]:
     times = sorted(t for _, t in results)
     return {
         "joins_per_s": len(times) / cpu["wall_s"],
+        "joins_per_cpu_s": len(times) / cpu["server_cpu_s"] if cpu["server_cpu_s"] else 0.0,
         "p50_join_ms": 1000 * statistics.median(times),
         "p99_join_ms": 1000 * times[min(len(times) - 1, int(0.99 * len(times)))],
         **cpu,
@@ -383,6 +419,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("scenario", choices=SCENARIOS)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--server-pid", type=int, required=True)
+    parser.add_argument(
+        "--protocol", choices=sorted(RELAY_PREFIX), default="signald", help="signald's messages, or PeerJS's"
+    )
     parser.add_argument("--pairs", type=int, default=50)
     parser.add_argument("--window", type=int, default=8, help="candidates each client keeps in flight")
     parser.add_argument("--rate", type=float, default=2000.0, help="latency: messages per second in total")

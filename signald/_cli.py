@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from . import __version__, _logging, _systemd
+from . import __version__, _logging, _startup, _systemd
 from ._config import FLAGS, LOG_LEVELS, Config, ConfigError, resolve
 from ._server import Server
 
@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="PATH", help="TOML configuration file (default: built-in defaults)")
     parser.add_argument(
-        "--check-config", action="store_true", help="validate the configuration and exit: 0 valid, 2 invalid"
+        "--check-config",
+        action="store_true",
+        help="validate the configuration, load the TLS files, resolve the listen address, and exit: 0 valid, 2 invalid",
     )
     parser.add_argument("--host", help="listen address (overrides server.host and $HOST)")
     parser.add_argument("--port", type=int, help="listen port, 0 for any free port (overrides server.port and $PORT)")
@@ -116,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if value is not None:
             overrides[key] = value
     try:
-        config = resolve(args.config, os.environ, overrides)
+        # With the TLS files and the listen address: --check-config and a start fail alike.
+        config = resolve(args.config, os.environ, overrides, _startup.check)
     except ConfigError as exc:
         _fatal(f"configuration error: {exc}")
         return EXIT_CONFIG

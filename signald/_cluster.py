@@ -37,6 +37,7 @@ from ._hub import ClusterUnavailable, RoomHub, RoomInfo, RoomTask, TooManyRooms,
 from ._ids import new_peer_id, new_room_id
 from ._redis import RedisLink
 from ._room import Member, Room
+from ._turn import IceServers
 
 log = logging.getLogger("signald.cluster")
 
@@ -56,7 +57,7 @@ class RemoteMember:
     username: str
     node: str
 
-    def deliver(self, text: str) -> bool:
+    def deliver(self, text: bytes) -> bool:
         """Membership events reach it from its own node; relays go through ``RedisLink.relay``."""
         return True
 
@@ -207,7 +208,9 @@ class ClusterRoomTask(RoomTask):
             pending = self._pending.pop(peer_id, None)
             if pending is None:
                 return  # given up on (``_Forget``), which has sent its leave
-            pending.joined = room.join(pending.member, joined_at, pending.request_id, admitted=True)
+            pending.joined = room.join(
+                pending.member, joined_at, pending.request_id, pending.ice_servers, admitted=True
+            )
             pending.done.set()
             log.info(
                 "room %s: %s joined as %r (%d present)",
@@ -270,7 +273,7 @@ class ClusterHub(RoomHub):
     """This node's room tasks, with Redis deciding membership and answering for the cluster."""
 
     def __init__(self, config: Config, nursery: trio.Nursery, link: RedisLink) -> None:
-        super().__init__(config.rooms, nursery)
+        super().__init__(config.rooms, nursery, ice=IceServers.from_config(config.ice))
         self._link = link
         link.attach(self)
 
@@ -299,9 +302,10 @@ class ClusterHub(RoomHub):
         if not self._link.available:
             member.deliver(_unavailable(request_id))
             return None
+        ice_servers = self.ice.for_member(member.peer_id) if self.ice.mints else None
         while True:
             task = self._local_task(room_id)
-            command = _Join(member, request_id)
+            command = _Join(member, request_id, ice_servers)
             try:
                 await task.expect(command)
             except trio.BrokenResourceError:
@@ -336,7 +340,7 @@ class ClusterHub(RoomHub):
         if isinstance(task, ClusterRoomTask):  # else: no member here any more
             await task.feed(_Event(event))
 
-    async def relay(self, room: str, sender_id: str, to: str, text: str) -> None:
+    async def relay(self, room: str, sender_id: str, to: str, text: bytes) -> None:
         task = self._rooms.get(room)
         if isinstance(task, ClusterRoomTask):
             await task.feed(_Relay(sender_id, to, text, None))

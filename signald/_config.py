@@ -4,14 +4,18 @@ Precedence is built-in defaults < TOML file < environment < explicit CLI flags. 
 value can be wrong (unknown key, wrong type, out of range) raises :class:`ConfigError` whose
 message starts with the key path, because an operator reading a one-line journal entry must
 be able to find the line of TOML to fix without reading our source.
+
+Secrets (:data:`SECRETS`) may instead be read from files and systemd credentials; their values
+never appear in an error, only the key and the file.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import math
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -117,7 +121,7 @@ class LimitsConfig:
 
 #: Shortest ``auth.secret``: HS256 wants a key at least as long as its 256-bit hash (RFC 7518).
 MIN_SECRET = 32
-#: Shortest ``auth.api_keys`` entry: long enough that guessing one is hopeless.
+#: Shortest ``auth.api_keys`` entry (and ``ice.turn_secret``): long enough that guessing one is hopeless.
 MIN_API_KEY = 16
 
 
@@ -127,6 +131,9 @@ class AuthConfig:
     secret: str = attrs.field(default="", repr=False)
     #: Bearer keys for mutating REST calls; empty = no key needed.
     api_keys: tuple[str, ...] = attrs.field(default=(), repr=False)
+    #: Files holding them instead (see ``SECRETS``): the secret, and one key per line.
+    secret_file: str = ""
+    api_keys_file: str = ""
 
 
 @attrs.frozen
@@ -167,6 +174,13 @@ class IceConfig:
     #: STUN/TURN servers clients should use, served at GET /api/ice-servers. Empty = host
     #: candidates only, which is enough on one machine or one LAN.
     servers: tuple[IceServer, ...] = ()
+    #: TURN servers for which signald mints each room member its own short-lived credentials
+    #: (coturn's use-auth-secret scheme, see ``_turn``), shared with the TURN server as
+    #: ``turn_secret``; credentials are valid for ``turn_ttl`` seconds from the join.
+    turn_urls: tuple[str, ...] = ()
+    turn_secret: str = attrs.field(default="", repr=False)
+    turn_secret_file: str = ""
+    turn_ttl: int = _bounded(3600, low=60, high=7 * 86400)
 
 
 @attrs.frozen
@@ -324,9 +338,49 @@ def _check_redis_url(url: str) -> None:
         raise ConfigError("cluster.redis_url", f"{url!r}: the database after the / must be a number")
 
 
+def _check_turn(ice: IceConfig) -> None:
+    for url in ice.turn_urls:
+        scheme, colon, rest = url.partition(":")
+        if not colon or scheme not in ("turn", "turns") or not rest or rest.startswith("/"):
+            raise ConfigError("ice.turn_urls", f"{url!r} is not a TURN URL like turn:host:3478 or turns:host:5349")
+    if ice.turn_secret and not ice.turn_urls:
+        raise ConfigError("ice.turn_urls", "required when ice.turn_secret is set: the TURN servers to hand out")
+    if ice.turn_urls and not ice.turn_secret:
+        raise ConfigError("ice.turn_secret", "required when ice.turn_urls is set: the TURN server's static-auth-secret")
+    if ice.turn_secret and len(ice.turn_secret) < MIN_API_KEY:
+        raise ConfigError("ice.turn_secret", f"must be at least {MIN_API_KEY} characters")
+
+
+#: A DNS name: dot-separated labels of letters, digits and inner hyphens.
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def _check_host(host: str) -> None:
+    """An IP address or a host name: "0.0.0.0:3000" would otherwise fail only when binding, as a port problem."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    if _HOSTNAME.fullmatch(host):
+        return
+    name, colon, port = host.rpartition(":")
+    if colon and port.isdigit():
+        raise ConfigError(
+            "server.host",
+            f"{host!r} has a port in it: give the address alone ({name.strip('[]')!r}), the port as server.port",
+        )
+    if host.startswith("[") and host.endswith("]"):
+        raise ConfigError("server.host", f"{host!r}: give an IPv6 address without brackets ({host[1:-1]!r})")
+    raise ConfigError(
+        "server.host", f'{host!r} is not an IP address or a host name ("0.0.0.0" or "::" listen on every interface)'
+    )
+
+
 def _check(config: Config) -> Config:
     for field in attrs.fields(Config):
         _check_ranges(field.name, getattr(config, field.name))
+    _check_host(config.server.host)
     if config.log.level not in LOG_LEVELS:
         raise ConfigError("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {config.log.level!r}")
     if config.log.format not in LOG_FORMATS:
@@ -359,6 +413,7 @@ def _check(config: Config) -> Config:
         _check_redis_url(config.cluster.redis_url)
         if config.storage.path:
             raise ConfigError("storage.path", "not used with cluster.redis_url (Redis keeps the rooms): remove one")
+    _check_turn(config.ice)
     if config.limits.send_queue_bytes < config.limits.max_message_bytes:
         raise ConfigError(
             "limits.send_queue_bytes",
@@ -367,8 +422,88 @@ def _check(config: Config) -> Config:
     return config
 
 
-def structure(data: Mapping[str, Any]) -> Config:
-    """Build a validated :class:`Config` from a TOML-shaped mapping."""
+@attrs.frozen
+class Secret:
+    """A key whose value should not sit in the world-readable TOML file.
+
+    Its value may come from exactly one of three places: the key itself, the file named by
+    ``<key>_file`` (readable by the service only), or the systemd credential named like the key
+    (``LoadCredential=auth.secret:/etc/signald/auth.secret`` in the unit puts it in
+    ``$CREDENTIALS_DIRECTORY/auth.secret``, readable by the service alone, even under
+    ``DynamicUser=``). Two places at once is refused rather than ranked: an operator who moved a
+    secret to a file and forgot the old value would otherwise run with the one they did not mean.
+    """
+
+    section: str
+    name: str
+    #: A list of values, one per line of the file (blank lines and ``#`` comments skipped).
+    lines: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.name}"
+
+
+SECRETS = (Secret("auth", "secret"), Secret("auth", "api_keys", lines=True), Secret("ice", "turn_secret"))
+_SECRET_KEYS = {secret.key for secret in SECRETS}
+
+
+def _read_secret(secret: Secret, key: str, path: str) -> str | tuple[str, ...]:
+    """The secret in ``path``; ``key`` names where the path came from, for the error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(key, f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"{path}: not UTF-8 text") from None
+    if secret.lines:
+        values = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+        if not values:
+            raise ConfigError(key, f"{path}: holds no key (one per line)")
+        return values
+    value = text.strip()
+    if not value:
+        raise ConfigError(key, f"{path}: is empty")
+    return value
+
+
+def _load_secrets(config: Config, credentials: str | None) -> tuple[Config, dict[str, tuple[str, str]]]:
+    """``config`` with each secret read from its file or credential; and where each came from.
+
+    The second value maps a secret's key to (the key to report, the file) for check errors.
+    """
+    origins: dict[str, tuple[str, str]] = {}
+    for secret in SECRETS:
+        section = getattr(config, secret.section)
+        places: list[tuple[str, str | None]] = []
+        if getattr(section, secret.name):
+            places.append((secret.key, None))
+        path = getattr(section, f"{secret.name}_file")
+        if path:
+            places.append((f"{secret.key}_file", path))
+        if credentials:
+            credential = Path(credentials, secret.key)
+            if credential.exists():
+                places.append((f"systemd credential {secret.key}", str(credential)))
+        if len(places) > 1:
+            (first, _), (second, _) = places[:2]
+            raise ConfigError(secret.key, f"set by both {first} and {second}: keep one")
+        if places and places[0][1] is not None:
+            where, path = places[0]
+            key = where if where.endswith("_file") else secret.key
+            value = _read_secret(secret, key, path)
+            section = attrs.evolve(section, **{secret.name: value})
+            config = attrs.evolve(config, **{secret.section: section})
+            origins[secret.key] = (key, path)
+    return config, origins
+
+
+def structure(data: Mapping[str, Any], credentials: str | None = None) -> Config:
+    """Build a validated :class:`Config` from a TOML-shaped mapping.
+
+    ``credentials`` is systemd's ``$CREDENTIALS_DIRECTORY``, where secrets may be (``Secret``).
+    """
     sections = {field.name for field in attrs.fields(Config)}
     for name, value in data.items():
         if name in sections and not isinstance(value, Mapping):
@@ -376,8 +511,18 @@ def structure(data: Mapping[str, Any]) -> Config:
     try:
         config = _CONVERTER.structure(dict(data), Config)
     except Exception as exc:  # cattrs raises a tree of assorted exceptions
-        raise _first_error(exc, "") from None
-    return _check(config)
+        error = _first_error(exc, "")
+        if error.key in _SECRET_KEYS:  # "expected a list of strings, got str 'the secret'": cut the value
+            raise ConfigError(error.key, error.problem.split(", got ")[0]) from None
+        raise error from None
+    config, origins = _load_secrets(config, credentials)
+    try:
+        return _check(config)
+    except ConfigError as exc:
+        if exc.key not in origins:
+            raise
+        key, path = origins[exc.key]
+        raise ConfigError(key, f"{path}: {exc.problem}") from None
 
 
 def unstructure(config: Config) -> dict[str, Any]:
@@ -453,8 +598,13 @@ def resolve(
     path: str | Path | None = None,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    check: Callable[[Config], None] | None = None,
 ) -> Config:
     """Defaults < TOML file at ``path`` < ``environ`` < ``overrides`` (CLI flags by key path).
+
+    Secrets may also come from files and from systemd credentials (``Secret``). ``check`` runs
+    on the result (``_startup.check``: the TLS files, the listen address), and its errors are
+    named the same way.
 
     A bad value that came from the environment or a flag is reported under that name
     (``PORT: expected an integer``), since that is where the operator has to fix it.
@@ -471,7 +621,10 @@ def resolve(
         _merge(tree, section, key, value)
         sources[dotted] = FLAGS[dotted]
     try:
-        return structure(tree)
+        config = structure(tree, (environ or {}).get("CREDENTIALS_DIRECTORY") or None)
+        if check is not None:
+            check(config)
+        return config
     except ConfigError as exc:
         if exc.key in sources:
             raise ConfigError(sources[exc.key], exc.problem) from None

@@ -21,7 +21,7 @@ import logging
 import math
 from collections.abc import Callable
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import attrs
 import trio
@@ -30,6 +30,7 @@ from . import _messages as m
 from ._config import RoomsConfig
 from ._ids import new_room_id, utc_now
 from ._room import Member, Room
+from ._turn import IceServers
 
 log = logging.getLogger("signald.rooms")
 
@@ -43,6 +44,7 @@ CHANNEL_SIZE = 1024
 class _Join:
     member: Member
     request_id: m.RequestId
+    ice_servers: list[dict[str, Any]] | None
     done: trio.Event = attrs.field(factory=trio.Event)
     joined: bool = False
 
@@ -56,7 +58,7 @@ class _Leave:
 class _Relay:
     sender_id: str
     to: str
-    text: str
+    text: bytes
     request_id: m.RequestId
 
 
@@ -112,9 +114,9 @@ class RoomTask:
         self._clock = clock
         self._send, self._receive = trio.open_memory_channel[_Command](CHANNEL_SIZE)
 
-    async def join(self, member: Member, request_id: m.RequestId) -> bool:
+    async def join(self, member: Member, request_id: m.RequestId, ice_servers: list[dict[str, Any]] | None) -> bool:
         """Raises ``trio.BrokenResourceError`` if this room has just ended."""
-        command = _Join(member, request_id)
+        command = _Join(member, request_id, ice_servers)
         await self._send.send(command)
         await command.done.wait()
         return command.joined
@@ -123,7 +125,7 @@ class RoomTask:
         with contextlib.suppress(trio.BrokenResourceError):  # room gone, so the member is too
             await self._send.send(_Leave(peer_id))
 
-    async def relay(self, sender_id: str, to: str, text: str, request_id: m.RequestId) -> None:
+    async def relay(self, sender_id: str, to: str, text: bytes, request_id: m.RequestId) -> None:
         """Queue a relay; waits only when the channel is full (a flooding reader).
 
         ``send_nowait`` skips the scheduler round trip that ``send`` makes even when there
@@ -144,7 +146,7 @@ class RoomTask:
         if isinstance(command, _Relay):
             room.relay(command.sender_id, command.to, command.text, command.request_id)
         elif isinstance(command, _Join):
-            command.joined = room.join(command.member, self._clock(), command.request_id)
+            command.joined = room.join(command.member, self._clock(), command.request_id, command.ice_servers)
             command.done.set()
             if command.joined:
                 log.info(
@@ -214,8 +216,11 @@ class RoomHub:
         nursery: trio.Nursery,
         clock: Callable[[], datetime] = utc_now,
         store: RoomStore | None = None,
+        ice: IceServers | None = None,
     ) -> None:
         self.config = config
+        #: The ICE servers members get (with TURN credentials of their own when configured).
+        self.ice = ice or IceServers()
         self._nursery = nursery
         self._clock = clock
         self._store = store
@@ -306,6 +311,8 @@ class RoomHub:
         Returns the room task to send later commands to, or None when the join was refused
         (the member has been sent the error).
         """
+        # Minted here, in the joiner's task, so the room task spends no time on HMACs.
+        ice_servers = self.ice.for_member(member.peer_id) if self.ice.mints else None
         while True:
             task = self._rooms.get(room_id)
             if task is None:
@@ -318,7 +325,7 @@ class RoomHub:
                     return None
                 task = self._start(room_id, room_id, self.config.max_participants, "join")
             try:
-                joined = await task.join(member, request_id)
+                joined = await task.join(member, request_id, ice_servers)
             except trio.BrokenResourceError:
                 continue  # that room just ended; look again (a new one may be created)
             return task if joined else None

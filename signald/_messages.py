@@ -5,17 +5,21 @@ here (the ``encode_*`` functions), so a reader finds a message type's shape in o
 Parsing never raises: a frame is either a message object or a :class:`ProtocolError`
 carrying the code the client is told, because bad input must always get a clear answer.
 
-Outgoing JSON is ASCII-only (``ensure_ascii``), so ``len(text)`` is its size in bytes on
-the wire; the per-connection send queue relies on that to count bytes without encoding.
+JSON is read and written with orjson: per message, it parses about 4x and serializes about 18x
+faster than the standard library (tests cannot see the difference; bench/ and the README say
+what it is worth). Encoders return the UTF-8 bytes that go on the wire, so the send queue counts
+real bytes, and a frame is encoded once however many members it goes to. orjson is also
+stricter: ``NaN``, ``Infinity``, numbers that overflow a double, integers past 64 bits and lone
+surrogates are not JSON, and get ``invalid-json``.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 import attrs
+import orjson
 
 #: Room ids, both client-chosen and server-generated.
 ROOM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -94,13 +98,20 @@ class Ping:
 
 
 @attrs.frozen
+class GetIceServers:
+    """A member asks for fresh ``iceServers`` (its TURN credentials are about to expire)."""
+
+    request_id: RequestId = None
+
+
+@attrs.frozen
 class ProtocolError:
     code: str
     message: str
     request_id: RequestId = None
 
 
-ClientMessage = JoinRoom | LeaveRoom | Relay | Ping
+ClientMessage = JoinRoom | LeaveRoom | Relay | Ping | GetIceServers
 
 _RELAY_FIELDS = {"webrtc-offer": "sdp", "webrtc-answer": "sdp", "ice-candidate": "candidate"}
 
@@ -203,6 +214,8 @@ def _parse_object(obj: dict[str, Any], bounds: Bounds) -> ClientMessage | Protoc
         return LeaveRoom(request_id)
     if kind == "ping":
         return Ping(request_id)
+    if kind == "get-ice-servers":
+        return GetIceServers(request_id)
     return ProtocolError(UNKNOWN_TYPE, f"unknown message type {kind[:64]!r}", request_id)
 
 
@@ -231,7 +244,7 @@ def _nested_deeper_than(text: str, limit: int) -> bool:
             return True
         inner = brackets.replace("[]", "")
         if len(inner) == len(brackets):
-            return False  # nothing left to peel (empty, or not JSON): json.loads has the last word
+            return False  # nothing left to peel (empty, or not JSON): the parser has the last word
         brackets = inner
     return "[" in brackets
 
@@ -241,8 +254,8 @@ def parse(text: str, bounds: Bounds = DEFAULT_BOUNDS) -> ClientMessage | Protoco
     if _nested_deeper_than(text, bounds.depth):
         return ProtocolError(INVALID_MESSAGE, f"JSON nested deeper than {bounds.depth} levels")
     try:
-        obj = json.loads(text)
-    except (ValueError, RecursionError):
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError:
         return ProtocolError(INVALID_JSON, "frame is not valid JSON")
     if not isinstance(obj, dict):
         return ProtocolError(INVALID_MESSAGE, "a message must be a JSON object")
@@ -256,8 +269,8 @@ def parse(text: str, bounds: Bounds = DEFAULT_BOUNDS) -> ClientMessage | Protoco
         return ProtocolError(INVALID_MESSAGE, str(exc), request_id)
 
 
-def _dump(obj: dict[str, Any]) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True)
+def _dump(obj: dict[str, Any]) -> bytes:
+    return orjson.dumps(obj)
 
 
 def _with_request_id(obj: dict[str, Any], request_id: RequestId) -> dict[str, Any]:
@@ -266,7 +279,7 @@ def _with_request_id(obj: dict[str, Any], request_id: RequestId) -> dict[str, An
     return obj
 
 
-def encode_error(code: str, message: str, request_id: RequestId = None) -> str:
+def encode_error(code: str, message: str, request_id: RequestId = None) -> bytes:
     return _dump(_with_request_id({"type": "error", "code": code, "message": message}, request_id))
 
 
@@ -276,26 +289,34 @@ def encode_joined_room(
     username: str,
     participants: list[tuple[str, str]],
     request_id: RequestId = None,
-) -> str:
-    body = {
+    ice_servers: list[dict[str, Any]] | None = None,
+) -> bytes:
+    """``ice_servers`` (the member's own, with TURN credentials) is included when given."""
+    body: dict[str, Any] = {
         "type": "joined-room",
         "roomId": room_id,
         "peerId": peer_id,
         "username": username,
         "participants": [{"peerId": p, "username": u} for p, u in participants],
     }
+    if ice_servers is not None:
+        body["iceServers"] = ice_servers
     return _dump(_with_request_id(body, request_id))
 
 
-def encode_membership(kind: str, room_id: str, peer_id: str, username: str) -> str:
+def encode_ice_servers(ice_servers: list[dict[str, Any]], request_id: RequestId = None) -> bytes:
+    return _dump(_with_request_id({"type": "ice-servers", "iceServers": ice_servers}, request_id))
+
+
+def encode_membership(kind: str, room_id: str, peer_id: str, username: str) -> bytes:
     """``user-joined`` or ``user-left``: the same shape, told to the rest of the room."""
     return _dump({"type": kind, "roomId": room_id, "peerId": peer_id, "username": username})
 
 
-def encode_relay(relay: Relay, sender: str) -> str:
+def encode_relay(relay: Relay, sender: str) -> bytes:
     """The relayed frame: exactly ``type``, ``from`` and ``sdp``/``candidate``."""
     return _dump({"type": relay.type, "from": sender, relay.field: relay.payload})
 
 
-def encode_pong(request_id: RequestId = None) -> str:
+def encode_pong(request_id: RequestId = None) -> bytes:
     return _dump(_with_request_id({"type": "pong"}, request_id))

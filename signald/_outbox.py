@@ -12,10 +12,10 @@ What it counts: text queued here plus the batch the writer is writing. Bytes the
 accepted are not counted (trio sets ``TCP_NOTSENT_LOWAT``, so the kernel holds little unsent
 data per socket beyond what is in flight to the client).
 
-Three kinds of item: ``str``, a text frame (ASCII JSON, so ``len`` is its size in bytes), the
-only kind the bound counts; ``bytes``, a frame already encoded by the codec (a pong); and a
-:class:`Control` the writer has the codec encode (a ping, a close). ``finish`` ends the queue:
-one last item goes out after what is queued, and the writer stops.
+Two kinds of item: ``bytes``, a text frame's payload (UTF-8 JSON), the only kind the bound
+counts; and a :class:`Control`: a ping or a close the writer has the codec encode, or
+:class:`Raw` frames the codec encoded by itself (pongs, the echo of a close). ``finish`` ends
+the queue: one last item goes out after what is queued, and the writer stops.
 """
 
 from __future__ import annotations
@@ -37,8 +37,13 @@ class Close:
     reason: str
 
 
-Control = Ping | Close
-Item = str | bytes | Control
+@attrs.frozen
+class Raw:
+    data: bytes
+
+
+Control = Ping | Close | Raw
+Item = bytes | Control
 
 
 class Outbox:
@@ -60,28 +65,28 @@ class Outbox:
     def unsent_bytes(self) -> int:
         return self._unsent
 
-    def push(self, text: str) -> bool:
-        """Queue a text frame. False once closed or overflowed: the member must go."""
+    def push(self, frame: bytes) -> bool:
+        """Queue a text frame's payload. False once closed or overflowed: the member must go."""
         if self.closed:
             return False
-        size = len(text)
+        size = len(frame)
         if self._unsent + size > self._limit:
             self.closed = True
             self._items.clear()
             self._on_overflow()
             return False
-        self._items.append(text)
+        self._items.append(frame)
         self._unsent += size
         self._wakeup.set()
         return True
 
-    def control(self, item: bytes | Control) -> None:
+    def control(self, item: Control) -> None:
         """Queue a control frame, in order with the text; not counted, never refused while open."""
         if not self._finished:
             self._items.append(item)
             self._wakeup.set()
 
-    def finish(self, last: bytes | Control | None = None) -> None:
+    def finish(self, last: Control | None = None) -> None:
         """Take no more text, queue ``last`` (a close frame) after what is queued, and end there.
 
         What is queued still goes out first (replies the client is owed); after an overflow

@@ -239,7 +239,7 @@ class Listener(Protocol):
     async def dispatch(self, event: dict[str, Any]) -> None:
         """A membership event from this node's channel, in the order Redis published it."""
 
-    async def relay(self, room: str, sender_id: str, to: str, text: str) -> None:
+    async def relay(self, room: str, sender_id: str, to: str, text: bytes) -> None:
         """A relay from a member on another node to ``to``, a member here."""
 
     async def resync(self, prune: bool) -> None:
@@ -324,16 +324,18 @@ class RedisLink:
         self._send.send_nowait(_Item(self._script(operation, room, *args), on_fail=on_fail))
         return True
 
-    def relay(self, node: str, room: str, sender_id: str, to: str, text: str, on_fail: Callable[[], None]) -> bool:
+    def relay(self, node: str, room: str, sender_id: str, to: str, text: bytes, on_fail: Callable[[], None]) -> bool:
         """Send a relay to ``node`` in this node's order; False now if Redis is away, ``on_fail`` if lost.
 
         On the wire a relay is one line, ``room TAB sender TAB to TAB frame``: ids never hold a
-        tab and a frame (ASCII JSON) never holds a raw tab or newline, so the receiver splits it
-        without parsing JSON; relays queued together for one node travel in one message.
+        tab and a frame (JSON, which escapes every control character) never holds a raw tab or
+        newline, so the receiver splits it without parsing JSON; relays queued together for one
+        node travel in one message.
         """
         if not self.available:
             return False
-        self._send.send_nowait(_Item(("relay", channel(node), f"{room}\t{sender_id}\t{to}\t{text}"), on_fail=on_fail))
+        line = b"\t".join((room.encode(), sender_id.encode(), to.encode(), text))
+        self._send.send_nowait(_Item(("relay", channel(node), line), on_fail=on_fail))
         return True
 
     async def leave(self, room: str, peer_id: str) -> bool:
@@ -500,7 +502,7 @@ class RedisLink:
             return
         for line in data.split("\n"):
             room, sender_id, to, text = line.split("\t", 3)
-            await self._listener.relay(room, sender_id, to, text)
+            await self._listener.relay(room, sender_id, to, text.encode())
 
     async def _write(self, client: coredis.Redis[str]) -> None:
         """The one writer: queued items, in order, a pipelined batch per round trip."""
@@ -516,7 +518,7 @@ class RedisLink:
                 scripts = []
                 # Relays between two scripts go out grouped by node, a message per node: the
                 # order that matters (a member's relays, then its leave) is kept.
-                relays: dict[str, list[str]] = {}
+                relays: dict[str, list[bytes]] = {}
                 for item in batch:
                     if item.args[0] == "script":
                         self._flush(pipe, relays)
@@ -531,9 +533,9 @@ class RedisLink:
             self._in_flight = []
 
     @staticmethod
-    def _flush(pipe: Any, relays: dict[str, list[str]]) -> None:
+    def _flush(pipe: Any, relays: dict[str, list[bytes]]) -> None:
         for node_channel, lines in relays.items():
-            pipe.publish(node_channel, "\n".join(lines))
+            pipe.publish(node_channel, b"\n".join(lines))
         relays.clear()
 
     async def _renew(self, client: coredis.Redis[str]) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 
 from ._auth import ApiKeys
-from ._config import Config, IceServer
+from ._config import Config
 from ._cors import CorsPolicy
 from ._hub import ClusterUnavailable, RoomHub, RoomInfo, TooManyRooms
 from ._ids import format_timestamp, utc_now
@@ -66,16 +66,6 @@ def error_response(status: int, code: str, message: str, headers: list[tuple[str
     return json_response(status, {"error": code, "message": message}, headers)
 
 
-def ice_server_json(server: IceServer) -> dict[str, Any]:
-    """An ``RTCIceServer`` dictionary: exactly what ``new RTCPeerConnection`` expects."""
-    body: dict[str, Any] = {"urls": list(server.urls)}
-    if server.username is not None:
-        body["username"] = server.username
-    if server.credential is not None:
-        body["credential"] = server.credential
-    return body
-
-
 def room_json(room: RoomInfo, *, with_participants: bool = False) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": room.id,
@@ -110,7 +100,8 @@ class RestApi:
         self._hub = hub
         self._is_draining = is_draining
         self._clock = clock
-        self._ice_servers = {"iceServers": [ice_server_json(server) for server in config.ice.servers]}
+        #: Only the static servers: TURN credentials go to room members, never to a public URL.
+        self._ice_servers = {"iceServers": hub.ice.public()}
         self._assets = load_assets() if config.demo.enabled else {}
         self._monotonic = monotonic
         self._api_keys = ApiKeys(config.auth.api_keys)

@@ -13,7 +13,7 @@ events in the same order, and a member always learns of a peer (``joined-room`` 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 
@@ -27,7 +27,7 @@ class Member(Protocol):
     @property
     def username(self) -> str: ...
 
-    def deliver(self, text: str) -> bool:
+    def deliver(self, frame: bytes) -> bool:
         """Queue one frame for this member; False means it cannot take more and must go."""
         ...
 
@@ -58,9 +58,18 @@ class Room:
     def participant_count(self) -> int:
         return len(self.seats)
 
-    def join(self, member: Member, now: datetime, request_id: m.RequestId = None, *, admitted: bool = False) -> bool:
+    def join(
+        self,
+        member: Member,
+        now: datetime,
+        request_id: m.RequestId = None,
+        ice_servers: list[dict[str, Any]] | None = None,
+        *,
+        admitted: bool = False,
+    ) -> bool:
         """Seat ``member`` and tell everyone; False (and an error to the member) if full.
 
+        ``ice_servers``, the member's own (see ``_turn``), goes into its ``joined-room``.
         ``admitted``: the room's capacity was checked where its membership is decided (the
         cluster's script in Redis), so this room only carries the decision out.
         """
@@ -75,7 +84,7 @@ class Room:
             return False
         others = [(seat.member.peer_id, seat.member.username) for seat in self.seats.values()]
         self.seats[member.peer_id] = Seat(member, now)
-        joined = m.encode_joined_room(self.id, member.peer_id, member.username, others, request_id)
+        joined = m.encode_joined_room(self.id, member.peer_id, member.username, others, request_id, ice_servers)
         self._deliver(member, joined)
         self._broadcast(
             m.encode_membership("user-joined", self.id, member.peer_id, member.username),
@@ -90,7 +99,7 @@ class Room:
             self._remove(peer_id)
             self._settle()
 
-    def relay(self, sender_id: str, to: str, text: str, request_id: m.RequestId = None) -> None:
+    def relay(self, sender_id: str, to: str, text: bytes, request_id: m.RequestId = None) -> None:
         """Deliver a pre-encoded relay frame from ``sender_id`` to ``to``, if both are here."""
         sender = self.seats.get(sender_id)
         if sender is None:
@@ -105,11 +114,11 @@ class Room:
             self._deliver(target.member, text)
         self._settle()
 
-    def _deliver(self, member: Member, text: str) -> None:
+    def _deliver(self, member: Member, text: bytes) -> None:
         if not member.deliver(text) and self.evicts and member.peer_id not in self._evicted:
             self._evicted.append(member.peer_id)
 
-    def _broadcast(self, text: str, exclude: str | None = None) -> None:
+    def _broadcast(self, text: bytes, exclude: str | None = None) -> None:
         """One encoded frame, handed to every member: encoded once, not once per recipient."""
         for peer_id, seat in self.seats.items():
             if peer_id != exclude:

@@ -21,14 +21,16 @@ import trio
 from . import _upgrade
 from ._addresses import TrustedProxies
 from ._auth import JoinTokens
-from ._config import Config, ConfigError, ServerConfig, reloaded
+from ._config import Config, ConfigError, reloaded
 from ._connection import Admission, HttpConnection, Stream
 from ._cors import CorsPolicy
 from ._hub import RoomHub
 from ._limits import BucketsByKey, ConnectionCounter
 from ._rest import HttpRequest, HttpResponse, RestApi
+from ._startup import tls_context
 from ._store import open_room_store
 from ._transport import WebSocket
+from ._turn import IceServers
 from ._websocket import CLOSE_GOING_AWAY
 
 log = logging.getLogger("signald")
@@ -159,7 +161,7 @@ class Server:
                 rooms.cancel_scope.cancel()
         else:
             async with open_room_store(self.config.storage.path) as store, trio.open_nursery() as rooms:
-                hub = RoomHub(self.config.rooms, rooms, store=store)
+                hub = RoomHub(self.config.rooms, rooms, store=store, ice=IceServers.from_config(self.config.ice))
                 for saved in store.saved if store is not None else ():
                     hub.restore(saved.id, saved.name, saved.max_participants, saved.created_at)
                 await self._serve(hub, tls, task_status)
@@ -196,26 +198,6 @@ class Server:
             with trio.move_on_after(server_config.shutdown_grace):
                 await self._websockets_gone.wait()
             connections.cancel_scope.cancel()
-
-
-def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
-    """HTTPS/WSS on the one port when ``server.tls_cert`` and ``tls_key`` are set (PEM files).
-
-    Browsers allow getUserMedia only on secure origins, so a VM without a TLS-terminating
-    proxy in front needs this. Python's defaults (TLS 1.2 or newer, its cipher list) apply.
-    """
-    if not config.tls_cert:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.set_alpn_protocols(["http/1.1"])
-    try:
-        context.load_cert_chain(config.tls_cert, config.tls_key)
-    except OSError as exc:  # ssl.SSLError is one too
-        problem = exc.strerror or str(exc)
-        raise ConfigError(
-            "server.tls_cert", f"cannot load {config.tls_cert} with {config.tls_key}: {problem}"
-        ) from None
-    return context
 
 
 async def _reuse_port_listeners(host: str, port: int) -> list[trio.SocketListener]:

@@ -53,6 +53,7 @@ from ._config import LimitsConfig
 from ._ids import new_peer_id
 from ._limits import MessageRate, Verdict
 from ._outbox import Close, Outbox, Ping
+from ._turn import IceServers
 from ._websocket import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY
 
 log = logging.getLogger("signald.session")
@@ -63,7 +64,7 @@ class RoomHandle(Protocol):
 
     async def leave(self, peer_id: str) -> None: ...
 
-    async def relay(self, sender_id: str, to: str, text: str, request_id: m.RequestId) -> None: ...
+    async def relay(self, sender_id: str, to: str, text: bytes, request_id: m.RequestId) -> None: ...
 
 
 @attrs.frozen
@@ -74,8 +75,8 @@ class LocalMember:
     username: str
     outbox: Outbox = attrs.field(repr=False)
 
-    def deliver(self, text: str) -> bool:
-        return self.outbox.push(text)
+    def deliver(self, frame: bytes) -> bool:
+        return self.outbox.push(frame)
 
 
 @attrs.frozen
@@ -96,7 +97,7 @@ class Relay:
     room: RoomHandle
     sender_id: str
     to: str
-    text: str
+    text: bytes
     request_id: m.RequestId
 
 
@@ -120,8 +121,10 @@ class Session:
         remote: str = "",
         tokens: JoinTokens | None = None,
         new_id: Callable[[], str] = new_peer_id,
+        ice: IceServers | None = None,
     ) -> None:
         self._limits = limits
+        self._ice = ice or IceServers()
         self.outbox = outbox
         self.remote = remote
         self._tokens = tokens
@@ -215,6 +218,12 @@ class Session:
                     self._idle_at = now + self._limits.idle_timeout
             case m.Ping():
                 self.outbox.push(m.encode_pong(message.request_id))
+            case m.GetIceServers():
+                if self._room is None or self._member is None:
+                    self._reply_error(m.NOT_IN_ROOM, "join a room before asking for ICE servers", message.request_id)
+                else:
+                    ice_servers = self._ice.for_member(self._member.peer_id)
+                    self.outbox.push(m.encode_ice_servers(ice_servers, message.request_id))
             case m.ProtocolError():
                 self._reply_error(message.code, message.message, message.request_id)
 

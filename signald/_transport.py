@@ -28,7 +28,7 @@ import trio
 from ._auth import JoinTokens
 from ._config import LimitsConfig
 from ._hub import RoomHub
-from ._outbox import Close, Outbox, Ping
+from ._outbox import Close, Outbox, Ping, Raw
 from ._session import Join, Leave, Session, State
 from ._websocket import Binary, Closed, Codec, Pong, text_frame
 
@@ -85,7 +85,7 @@ class WebSocket:
         self._limits = limits
         self._codec = Codec(limits.max_message_bytes)
         self.outbox = Outbox(limits.send_queue_bytes, self._overflowed)
-        self.session = Session(limits, self.outbox, trio.current_time(), remote, tokens)
+        self.session = Session(limits, self.outbox, trio.current_time(), remote, tokens, ice=hub.ice)
         self.remote = remote
         #: The reader's current cancel scope: cancelled to make it look at the session now.
         self._scope: trio.CancelScope | None = None
@@ -155,7 +155,7 @@ class WebSocket:
         events = codec.receive(data)
         reply = codec.pending()  # pongs; and the echo of a close, or the close of a failure
         if reply and codec.is_open:
-            self.outbox.control(reply)  # pongs go first: a late pong is what times a client out
+            self.outbox.control(Raw(reply))  # pongs go first: a late pong is what times a client out
             reply = b""
         for event in events:
             if type(event) is str:
@@ -172,7 +172,7 @@ class WebSocket:
             if session.commands:
                 await self._carry_out()
         if session.state is not State.OPEN:
-            self.outbox.finish(reply or None)
+            self.outbox.finish(Raw(reply) if reply else None)
 
     async def _carry_out(self) -> None:
         """The session's room commands, in order; none of them is lost to a cancellation."""
@@ -202,11 +202,11 @@ class WebSocket:
                 chunks: list[bytes] = []
                 text_bytes = 0
                 for item in batch:
-                    if type(item) is str:
+                    if type(item) is bytes:
                         chunks.append(text_frame(item))
                         text_bytes += len(item)
-                    elif type(item) is bytes:
-                        chunks.append(item)
+                    elif isinstance(item, Raw):
+                        chunks.append(item.data)
                     elif isinstance(item, Ping):
                         codec.ping(item.payload)
                         chunks.append(codec.pending())

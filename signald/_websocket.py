@@ -79,13 +79,12 @@ class _Protocol(Protocol):
         super().fail(code, self.too_big_reason if code == CLOSE_TOO_BIG else reason)
 
 
-def text_frame(text: str) -> bytes:
-    """One unmasked, unfragmented text frame carrying ``text``, which must be ASCII.
+def text_frame(payload: bytes) -> bytes:
+    """One unmasked, unfragmented text frame carrying ``payload`` (UTF-8 JSON).
 
     Written here instead of through the library: it is the hot path of every relay, and a
     server frame is a header and the payload, nothing else.
     """
-    payload = text.encode("ascii")
     size = len(payload)
     if size < 126:
         return bytes((0x81, size)) + payload

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,6 +15,21 @@ from trio_websocket import WebSocketConnection, open_websocket
 
 #: Every wait in a test is bounded by this, so a bug fails a test instead of hanging CI.
 TIMEOUT = 10
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1, for a server a test starts (coturn listens on both)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = udp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise AssertionError("no port free for both UDP and TCP")
 
 
 class Client:

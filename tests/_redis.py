@@ -44,7 +44,7 @@ class RedisServer:
 
     def _command(self) -> list[str]:
         redis = shutil.which("redis-server")
-        assert redis, "redis-server is missing: scripts/install-redis installs it"
+        assert redis, "redis-server is missing: scripts/install-test-packages installs it"
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         return [
             redis,

@@ -19,28 +19,46 @@ so a call can only connect if signald relayed them.
 
 **Loopback only.** aioice offers every interface's address except loopback; the tests
 make it offer exactly 127.0.0.1 (host candidates, no STUN/TURN), so media stays on this machine.
+
+**Through TURN.** The last tests put a real coturn (``_coturn``) between the peers: signald
+mints each member TURN credentials in ``joined-room``, and the peers use only those, with
+``iceTransportPolicy`` "relay", so they offer no host candidate and every byte between them
+goes through coturn's relays. With a secret coturn does not share, they cannot connect.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aioice.ice
 import attrs
 import pytest
 import trio
-from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from aiortc import (
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCIceTransportPolicy,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
 from aiortc.sdp import candidate_from_sdp
 from websockets.asyncio.client import ClientConnection, connect
 
 from signald import Server
 
+from ._coturn import run_coturn
+
 #: Seconds for a whole scenario, inside the asyncio thread; the trio side allows a little more.
 SCENARIO_TIMEOUT = 15
+#: How long a call that must not connect is watched: on loopback a good one connects in well under a second.
+NO_CONNECTION_SECONDS = 3
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +91,10 @@ class Peer:
 
     name: str
     ws: ClientConnection
+    #: Only TURN relays: iceTransportPolicy "relay", with the iceServers from joined-room.
+    relay_only: bool = False
     peer_id: str = ""
+    ice_servers: list[dict[str, Any]] = attrs.field(factory=list)
     pcs: dict[str, RTCPeerConnection] = attrs.field(factory=dict)
     #: Everything this peer sent through signald, for the assertions.
     sent: list[dict[str, Any]] = attrs.field(factory=list)
@@ -85,25 +106,29 @@ class Peer:
         self.sent.append(message)
         await self.ws.send(json.dumps(message))
 
-    async def listen(self, on_heard: Callable[[], None]) -> None:
-        """Handle signaling messages strictly one at a time, in arrival order."""
+    async def listen(self, on_progress: Callable[[], None]) -> None:
+        """Handle signaling messages strictly one at a time, in arrival order.
+
+        ``on_progress`` is called whenever a reply is heard or a connection changes state.
+        """
         async for text in self.ws:
             message = json.loads(text)
-            await self.handle(message, on_heard)
+            await self.handle(message, on_progress)
 
-    async def handle(self, message: dict[str, Any], on_heard: Callable[[], None]) -> None:
+    async def handle(self, message: dict[str, Any], on_progress: Callable[[], None]) -> None:
         match message["type"]:
             case "joined-room":  # the newcomer waits for offers
                 self.peer_id = message["peerId"]
+                self.ice_servers = message.get("iceServers", [])
                 self.joined.set()
             case "user-joined":  # we were here first: we offer
-                pc = self.connection(message["peerId"])
+                pc = self.connection(message["peerId"], on_progress)
                 channel = pc.createDataChannel("chat")
-                self.on_reply(channel, message["username"], on_heard)
+                self.on_reply(channel, message["username"], on_progress)
                 await pc.setLocalDescription(await pc.createOffer())
                 await self.send_description("webrtc-offer", message["peerId"], pc)
             case "webrtc-offer":
-                pc = self.connection(message["from"])
+                pc = self.connection(message["from"], on_progress)
                 self.on_channel(pc)
                 await pc.setRemoteDescription(RTCSessionDescription(message["sdp"], "offer"))
                 await pc.setLocalDescription(await pc.createAnswer())
@@ -125,9 +150,16 @@ class Peer:
             case other:
                 raise AssertionError(f"{self.name} got an unexpected {other}: {message}")
 
-    def connection(self, peer_id: str) -> RTCPeerConnection:
+    def connection(self, peer_id: str, on_progress: Callable[[], None]) -> RTCPeerConnection:
         assert peer_id not in self.pcs, f"{self.name}: a second connection to {peer_id}"
-        self.pcs[peer_id] = pc = RTCPeerConnection()  # no iceServers: host candidates only
+        if self.relay_only:
+            servers = [RTCIceServer(**server) for server in self.ice_servers]
+            policy = RTCIceTransportPolicy.RELAY
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=servers, iceTransportPolicy=policy))
+        else:
+            pc = RTCPeerConnection()  # no iceServers: host candidates only
+        pc.on("connectionstatechange", on_progress)
+        self.pcs[peer_id] = pc
         return pc
 
     async def send_description(self, kind: str, to: str, pc: RTCPeerConnection) -> None:
@@ -157,28 +189,41 @@ class Peer:
                 channel.send(f"{self.name} heard: {text}")
 
 
-async def mesh_call(port: int, names: list[str]) -> dict[str, Peer]:
-    """Join ``names`` in order, wait until every pair has round-tripped a message, hang up."""
+async def mesh_call(port: int, names: list[str], relay_only: bool = False, connects: bool = True) -> dict[str, Peer]:
+    """Join ``names`` in order, wait until every pair has round-tripped a message, hang up.
+
+    With ``connects`` False, wait ``NO_CONNECTION_SECONDS`` instead and require that no
+    connection got through meanwhile: aiortc reports nothing when ICE has no pair to try.
+    """
     pairs = len(names) * (len(names) - 1) // 2
     peers: dict[str, Peer] = {}
-    all_heard = asyncio.Event()
+    all_heard, any_connected = asyncio.Event(), asyncio.Event()
 
-    def on_heard() -> None:
+    def on_progress() -> None:
         if sum(len(peer.heard) for peer in peers.values()) == pairs:
             all_heard.set()
+        if any(pc.connectionState == "connected" for peer in peers.values() for pc in peer.pcs.values()):
+            any_connected.set()
 
     async with asyncio.timeout(SCENARIO_TIMEOUT), asyncio.TaskGroup() as tasks:
         for name in names:
             ws = await connect(f"ws://127.0.0.1:{port}/ws")
-            peer = peers[name] = Peer(name, ws)
-            tasks.create_task(peer.listen(on_heard))  # if it fails, the TaskGroup cancels us
+            peer = peers[name] = Peer(name, ws, relay_only)
+            tasks.create_task(peer.listen(on_progress))  # if it fails, the TaskGroup cancels us
             await peer.send(type="join-room", roomId="mesh", username=name)
             # The next person arrives only after this one is in: the order decides who offers.
             await peer.joined.wait()
-        await all_heard.wait()
+        if connects:
+            await all_heard.wait()
+        else:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(NO_CONNECTION_SECONDS):
+                    await any_connected.wait()
+            assert not any_connected.is_set()
         for peer in peers.values():
             assert len(peer.pcs) == len(names) - 1, peer.name  # a full mesh
-            assert {pc.connectionState for pc in peer.pcs.values()} == {"connected"}, peer.name
+            if connects:
+                assert {pc.connectionState for pc in peer.pcs.values()} == {"connected"}, peer.name
         for peer in peers.values():  # hang up: the others see user-left and close their side
             await peer.ws.close()
             for pc in peer.pcs.values():
@@ -186,13 +231,14 @@ async def mesh_call(port: int, names: list[str]) -> dict[str, Peer]:
     return peers
 
 
-async def run_mesh(port: int, names: list[str]) -> dict[str, Peer]:
+async def run_mesh(port: int, names: list[str], relay_only: bool = False, connects: bool = True) -> dict[str, Peer]:
+    call = mesh_call(port, names, relay_only, connects)
     with trio.fail_after(SCENARIO_TIMEOUT + 5):
         # abandon_on_cancel: if asyncio's own timeout somehow failed, fail the test anyway.
-        return await trio.to_thread.run_sync(asyncio.run, mesh_call(port, names), abandon_on_cancel=True)
+        return await trio.to_thread.run_sync(asyncio.run, call, abandon_on_cancel=True)
 
 
-def check_signaling(peers: dict[str, Peer], names: list[str]) -> None:
+def check_signaling(peers: dict[str, Peer], names: list[str], kind: str = "host") -> None:
     """The messages each peer sent follow the documented flow."""
     ids = {name: peers[name].peer_id for name in names}
     for position, name in enumerate(names):
@@ -208,7 +254,7 @@ def check_signaling(peers: dict[str, Peer], names: list[str]) -> None:
             trickled = [m["candidate"] for m in sent if m["type"] == "ice-candidate" and m["to"] == to]
             assert trickled[-1] is None and trickled.count(None) == 1, (name, trickled)
             assert trickled[:-1], f"{name} sent no candidate to {to}"
-            assert all(" 127.0.0.1 " in c["candidate"] and " typ host" in c["candidate"] for c in trickled[:-1])
+            assert all(" 127.0.0.1 " in c["candidate"] and f" typ {kind}" in c["candidate"] for c in trickled[:-1])
         assert Counter(m["type"] for m in sent)["join-room"] == 1
 
 
@@ -231,3 +277,35 @@ async def test_three_aiortc_peers_full_mesh(server: Server) -> None:
     }
     assert peers["bob"].heard == {"carol": "carol heard: hello carol, this is bob"}
     assert peers["carol"].heard == {}
+
+
+TURN_SECRET = "shared-with-coturn-0123456789"
+
+
+async def test_two_aiortc_peers_connect_only_through_turn(server_factory: Any, tmp_path: Path) -> None:
+    with run_coturn(TURN_SECRET, tmp_path) as coturn:
+        server = await server_factory(ice={"turn_urls": [coturn.url], "turn_secret": TURN_SECRET})
+        peers = await run_mesh(server.port, ["alice", "bob"], relay_only=True)
+    check_signaling(peers, ["alice", "bob"], kind="relay")  # no host candidate was even offered
+    assert peers["alice"].heard == {"bob": "bob heard: hello bob, this is alice"}
+    log = coturn.log.read_text()
+    for peer in peers.values():
+        (turn,) = peer.ice_servers  # joined-room's, with credentials of its own
+        assert turn["urls"] == [coturn.url] and turn["username"].endswith(f":{peer.peer_id}")
+        assert f"user <{turn['username']}>: incoming packet ALLOCATE processed, success" in log
+
+
+async def test_with_a_secret_coturn_does_not_share_peers_cannot_connect(server_factory: Any, tmp_path: Path) -> None:
+    with run_coturn(TURN_SECRET, tmp_path) as coturn:
+        server = await server_factory(ice={"turn_urls": [coturn.url], "turn_secret": "not-the-secret-coturn-has"})
+        peers = await run_mesh(server.port, ["alice", "bob"], relay_only=True, connects=False)
+    log = coturn.log.read_text()
+    for peer in peers.values():
+        assert peer.heard == {}
+        # Signaling went through (offer, answer, end-of-candidates), but no relay was granted,
+        # so there was no candidate to send and no pair to try.
+        assert [m["type"] for m in peer.sent][1:] == [peer.sent[1]["type"], "ice-candidate"], peer.sent
+        assert peer.sent[-1]["candidate"] is None
+        (turn,) = peer.ice_servers
+        assert f"user <{turn['username']}>: incoming packet message processed, error 401: Unauthorized" in log
+        assert f"user <{turn['username']}>: incoming packet ALLOCATE processed, success" not in log

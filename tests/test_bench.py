@@ -1,17 +1,20 @@
 """Smoke test of the benchmark's machinery (bench/): not the benchmark, which is never a test.
 
 The load generator builds and splits frames by hand to stay cheap, so a wrong byte there
-would silently measure nothing; and the floor must speak signald's messages for the ratios
+would silently measure nothing; and the floors must speak signald's messages for the ratios
 to mean anything.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import trio
 from trio_websocket import serve_websocket
 from wsproto.connection import Connection, ConnectionType
@@ -32,6 +35,7 @@ def _load(name: str) -> ModuleType:
 
 loadgen = _load("loadgen")
 floor = _load("floor")
+floor_tw = _load("floor_tw")
 
 
 def test_generator_frames_are_what_a_websocket_server_reads() -> None:
@@ -44,6 +48,16 @@ def test_generator_frames_are_what_a_websocket_server_reads() -> None:
     assert loadgen.timestamp_of(candidate) == 1234567
 
 
+def test_generator_speaks_peerjs_with_a_candidate_of_the_same_size() -> None:
+    ours = loadgen.candidate_message("bench2", 1234567)
+    theirs = loadgen.candidate_message("bench2", 1234567, "peerjs")
+    message = json.loads(theirs)
+    assert (message["type"], message["dst"]) == ("CANDIDATE", "bench2")
+    assert message["payload"]["candidate"] == json.loads(ours)["candidate"]
+    assert abs(len(theirs) - len(ours)) <= 64
+    assert loadgen.timestamp_of(theirs) == 1234567
+
+
 def test_generator_splits_whole_server_frames_and_keeps_the_rest() -> None:
     server = Connection(ConnectionType.SERVER)
     data = server.send(TextMessage("a" * 10)) + server.send(TextMessage("b" * 300)) + server.send(Ping(b"p"))
@@ -52,14 +66,35 @@ def test_generator_splits_whole_server_frames_and_keeps_the_rest() -> None:
     assert buf == server.send(TextMessage("c" * 5))[:3]
 
 
-async def test_floor_speaks_signalds_messages(nursery: trio.Nursery) -> None:
-    listener = await nursery.start(serve_websocket, partial(floor.handler, {}), "127.0.0.1", 0, None)
-    async with connect(listener.port) as alice, connect(listener.port) as bob:
+async def _start_lean_floor(nursery: trio.Nursery) -> int:
+    listeners = await nursery.start(floor.serve, 0)
+    return listeners[0].socket.getsockname()[1]
+
+
+async def _start_trio_websocket_floor(nursery: trio.Nursery) -> int:
+    listener = await nursery.start(serve_websocket, partial(floor_tw.handler, {}), "127.0.0.1", 0, None)
+    return listener.port
+
+
+@pytest.mark.parametrize("start", [_start_lean_floor, _start_trio_websocket_floor], ids=["lean", "trio-websocket"])
+async def test_floor_speaks_signalds_messages(
+    nursery: trio.Nursery, start: Callable[[trio.Nursery], Awaitable[int]]
+) -> None:
+    port = await start(nursery)
+    async with connect(port) as alice, connect(port) as bob:
         await alice.join("r", "alice")
         joined = await bob.join("r", "bob")
         assert joined["participants"] == [{"peerId": alice.peer_id, "username": "alice"}]
         await alice.expect("user-joined", peerId=bob.peer_id, username="bob")
         candidate = {"candidate": "candidate:1 1 udp 1 192.0.2.1 1 typ host", "sdpMid": "0", "sdpMLineIndex": 0}
-        await alice.send(type="ice-candidate", to=bob.peer_id, candidate=candidate)
-        relayed = await bob.expect("ice-candidate", candidate=candidate)
-        assert relayed["from"] == alice.peer_id
+        for _ in range(3):  # several in one read: each reaches bob, in order
+            await alice.send(type="ice-candidate", to=bob.peer_id, candidate=candidate)
+        for _ in range(3):
+            relayed = await bob.expect("ice-candidate", candidate=candidate)
+            assert relayed["from"] == alice.peer_id
+    async with connect(port) as carol, connect(port) as dave:
+        await carol.join("s", "carol")
+        await dave.join("s", "dave")
+        await carol.expect("user-joined", peerId=dave.peer_id)
+        await dave.ws.aclose()
+        await carol.expect("user-left", peerId=dave.peer_id, username="dave")

@@ -1,8 +1,8 @@
-"""The demo page in real Chromium: two tabs hold a video call through signald.
+"""The demo page, and docs/protocol.md's browser snippet, in real Chromium through signald.
 
-The call runs in ``_browser_call.py``, in a private network namespace where loopback is the
-only interface (see its docstring); this test judges its report. Chromium comes from
-Debian (``scripts/install-chromium``, run by ``scripts/test``). A missing Chromium fails this
+Each call runs in a script (``_browser_call.py``, ``_snippet_call.py``), in a private network
+namespace where loopback is the only interface (see their docstrings); these tests judge its report. Chromium comes from
+Debian (``scripts/install-test-packages``, run by ``scripts/test``). A missing Chromium fails this
 test rather than skipping it: the browser is the product's proof.
 """
 
@@ -19,20 +19,23 @@ import trio
 from ._browser_call import CHROMIUM
 
 CALL_SCRIPT = Path(__file__).with_name("_browser_call.py")
+ROOT = Path(__file__).parent.parent
 #: Chromium starts in about a second and the call connects in about two; this bounds a hang.
 TIMEOUT = 60
 
 
-async def run_call(outdir: Path) -> dict[str, Any]:
+async def run_call(outdir: Path, *script: str) -> dict[str, Any]:
+    """Run ``script`` (``python`` arguments; the demo page call by default) with OUTDIR; its report."""
     assert await trio.Path(CHROMIUM).is_file(), f"{CHROMIUM} is missing: scripts/test installs it (apt-get, as root)"
     unshare = shutil.which("unshare")
     assert unshare is not None, "unshare (util-linux) is needed to give the browser a loopback-only network"
     with trio.fail_after(TIMEOUT):
         done = await trio.run_process(
-            [unshare, "--net", "--map-root-user", sys.executable, str(CALL_SCRIPT), str(outdir)],
+            [unshare, "--net", "--map-root-user", sys.executable, *(script or [str(CALL_SCRIPT)]), str(outdir)],
             capture_stdout=True,
             capture_stderr=True,
             check=False,
+            cwd=ROOT,
         )
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-4000:]
     return json.loads(done.stdout)
@@ -63,3 +66,21 @@ async def test_two_tabs_call_each_other_through_the_demo_page(tmp_path: Path) ->
     assert report["console_errors"] == []
 
     assert (tmp_path / "call.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")  # alice's tab, mid-call
+
+
+async def test_protocol_snippet_calls_leaves_rejoins_and_calls_again(tmp_path: Path) -> None:
+    report = await run_call(tmp_path, "-m", "tests._snippet_call")
+    assert report["interfaces"] == ["lo"]
+    assert report["left"]  # bob's leave() closed his socket, stopped his camera, and alice was told
+    assert report["still_in_call_after_old_socket_closed"]
+    first, second, third = report["bob_peer_ids_seen_by_alice"]
+    assert len(first) == len(second) == len(third) == 1 and len({*first, *second, *third}) == 3  # a new peer each time
+    assert report["page_errors"] == []  # no uncaught exception, no unhandled rejection
+    # bob's /api/ice-servers answered 503 on each of his four joins: Chromium reports the failed
+    # load, and the snippet carries on with host candidates.
+    failed = "Failed to load resource: the server responded with a status of 503 (Service Unavailable)"
+    expected = {"alice": [], "bob": [failed] * 4}
+    for name, messages in report["console"].items():
+        assert [text for kind, text in messages if kind == "error"] == expected[name], name
+    warnings = [text for kind, text in report["console"]["bob"] if kind == "warning"]
+    assert warnings == ["no STUN/TURN servers from signald: HTTP 503"] * 4

@@ -33,7 +33,7 @@ class FakeLink:
     replies: dict[str, Any] = attrs.field(factory=lambda: {"join": ["ok"], "leave": 1})
     calls: list[tuple[Any, ...]] = attrs.field(factory=list)
     submitted: list[tuple[Any, ...]] = attrs.field(factory=list)
-    relayed: list[tuple[str, ...]] = attrs.field(factory=list)
+    relayed: list[tuple[str | bytes, ...]] = attrs.field(factory=list)
     on_fail: list[Callable[[], None]] = attrs.field(factory=list)
     left_soon: list[tuple[str, str]] = attrs.field(factory=list)
 
@@ -54,7 +54,7 @@ class FakeLink:
             self.submitted.append((operation, room, *args))
         return self.available
 
-    def relay(self, node: str, room: str, sender_id: str, to: str, text: str, on_fail: Callable[[], None]) -> bool:
+    def relay(self, node: str, room: str, sender_id: str, to: str, text: bytes, on_fail: Callable[[], None]) -> bool:
         if self.available:
             self.relayed.append((node, room, sender_id, to, text))
             self.on_fail.append(on_fail)
@@ -130,21 +130,21 @@ async def test_relays_to_another_node_are_published_and_to_this_node_are_not() -
         [task] = await joined(hub, a, join_event("a", HERE, others=[("b", THERE)]), nursery)
         await joined(hub, d, join_event("d", HERE), nursery)
         assert task is not None
-        await task.relay("a", "b", '{"type":"webrtc-offer","from":"a","sdp":"x"}', None)
-        await task.relay("a", "d", '{"type":"webrtc-offer","from":"a","sdp":"y"}', None)
+        await task.relay("a", "b", b'{"type":"webrtc-offer","from":"a","sdp":"x"}', None)
+        await task.relay("a", "d", b'{"type":"webrtc-offer","from":"a","sdp":"y"}', None)
         await settle()
-        assert link.relayed == [(THERE, "r", "a", "b", '{"type":"webrtc-offer","from":"a","sdp":"x"}')]
+        assert link.relayed == [(THERE, "r", "a", "b", b'{"type":"webrtc-offer","from":"a","sdp":"x"}')]
         assert d.frames[-1] == {"type": "webrtc-offer", "from": "a", "sdp": "y"}
         # A relay from another node is delivered here, and never published again.
-        await hub.relay("r", "b", "a", '{"type":"webrtc-answer"}')
+        await hub.relay("r", "b", "a", b'{"type":"webrtc-answer"}')
         await settle()
         assert a.frames[-1] == {"type": "webrtc-answer"} and len(link.relayed) == 1
         # Redis gone: relays to other nodes are refused, and so is one lost in flight.
         link.on_fail[0]()
         assert a.frames[-1]["code"] == "cluster-unavailable"
         link.available = False
-        await task.relay("a", "b", "{}", "r2")
-        await task.relay("a", "d", '{"type":"ice-candidate"}', None)
+        await task.relay("a", "b", b"{}", "r2")
+        await task.relay("a", "d", b'{"type":"ice-candidate"}', None)
         await settle()
         assert (a.frames[-1]["code"], a.frames[-1]["requestId"]) == ("cluster-unavailable", "r2")
         assert d.frames[-1] == {"type": "ice-candidate"}  # same node: unaffected

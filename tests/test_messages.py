@@ -148,9 +148,9 @@ def nested(depth: int, opener: str = "[", closer: str = "]") -> str:
 )
 def test_too_deep_is_refused_before_parsing(text: str, monkeypatch: pytest.MonkeyPatch) -> None:
     def must_not_parse(_: str) -> None:
-        raise AssertionError("json.loads ran on a frame that is too deep")
+        raise AssertionError("the JSON parser ran on a frame that is too deep")
 
-    monkeypatch.setattr(m.json, "loads", must_not_parse)
+    monkeypatch.setattr(m.orjson, "loads", must_not_parse)
     result = m.parse(text)
     assert isinstance(result, m.ProtocolError)
     assert result.code == m.INVALID_MESSAGE and "nested deeper than 32" in result.message
@@ -222,10 +222,18 @@ def test_default_bounds_match_the_default_configuration() -> None:
     )
 
 
-def test_encoders_are_ascii_so_length_is_bytes() -> None:
-    text = m.encode_membership("user-joined", "r", "p", "zoë 🎉")
-    assert text.isascii()
-    assert json.loads(text)["username"] == "zoë 🎉"
+def test_encoders_give_the_utf8_bytes_of_the_wire() -> None:
+    frame = m.encode_membership("user-joined", "r", "p", "zoë 🎉")
+    assert isinstance(frame, bytes) and "zoë 🎉".encode() in frame  # len() is the size on the wire
+    assert json.loads(frame)["username"] == "zoë 🎉"
+
+
+@pytest.mark.parametrize(
+    "text", ['{"type":"ping","x":NaN}', '{"type":"ping","x":1e999}', '{"type":"ping","x":"\\ud800"}']
+)
+def test_what_is_not_strict_json_is_invalid_json(text: str) -> None:
+    result = m.parse(text)
+    assert isinstance(result, m.ProtocolError) and result.code == m.INVALID_JSON
 
 
 def test_encoded_shapes() -> None:

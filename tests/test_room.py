@@ -21,7 +21,7 @@ class FakeMember:
     capacity: int = 10_000
     frames: list[dict[str, Any]] = attrs.field(factory=list)
 
-    def deliver(self, text: str) -> bool:
+    def deliver(self, text: bytes) -> bool:
         if len(self.frames) >= self.capacity:
             return False
         self.frames.append(json.loads(text))

@@ -60,7 +60,7 @@ class Harness:
     def frames(self) -> list[Item]:
         """Everything queued, with text frames parsed."""
         items, self.outbox._items = self.outbox._items, []
-        return [json.loads(item) if isinstance(item, str) else item for item in items]
+        return [json.loads(item) if isinstance(item, bytes) else item for item in items]
 
     def join(self, room_id: str = "r", now: float = 0.0) -> str:
         self.send(now, type="join-room", roomId=room_id, username="u")
@@ -82,7 +82,7 @@ def test_join_then_relay_then_leave_are_room_commands_in_order() -> None:
     h.send(type="webrtc-offer", to=PEER, sdp="v=0", requestId=8)
     h.send(type="leave-room")
     relay, leave = h.commands()
-    assert relay == Relay(ROOM, "peer0", PEER, '{"type":"webrtc-offer","from":"peer0","sdp":"v=0"}', 8)
+    assert relay == Relay(ROOM, "peer0", PEER, b'{"type":"webrtc-offer","from":"peer0","sdp":"v=0"}', 8)
     assert leave == Leave(ROOM, "peer0")
     assert h.session.peer_id is None
     h.send(type="webrtc-offer", to=PEER, sdp="v=0", requestId=9)
@@ -94,7 +94,7 @@ def test_the_members_frames_go_to_the_outbox() -> None:
     h = Harness()
     h.send(type="join-room", roomId="r", username="u")
     (join,) = h.commands()
-    assert join.member.deliver('{"type":"joined-room"}')
+    assert join.member.deliver(b'{"type":"joined-room"}')
     assert h.frames() == [{"type": "joined-room"}]
 
 
@@ -209,8 +209,8 @@ def test_a_join_answered_after_the_session_closed_is_undone() -> None:
 def test_eviction_closes_with_1008_after_dropping_the_queue() -> None:
     h = Harness(max_message_bytes=1024, send_queue_bytes=1024)
     h.join()
-    assert h.outbox.push("x" * 1000)
-    assert not h.outbox.push("y" * 100)
+    assert h.outbox.push(b"x" * 1000)
+    assert not h.outbox.push(b"y" * 100)
     assert h.overflows == 1
     assert h.frames() == [Close(1008, "send queue overflow: client is not reading")]
     assert h.commands() == [Leave(ROOM, "peer0")]  # its room dropped it already; this is harmless

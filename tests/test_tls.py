@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import ssl
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,9 @@ import h11
 import pytest
 import trio
 import trustme
+from cryptography.hazmat.primitives import serialization
 
+from signald import _startup as startup
 from signald._config import ConfigError, structure
 
 from ._clients import TIMEOUT, connect, read_response
@@ -97,29 +102,119 @@ def test_cert_and_key_come_together() -> None:
         structure({"server": {"tls_key": "/etc/signald/key.pem"}})
 
 
-@pytest.mark.parametrize("case", ["missing", "not-pem", "wrong-key"])
-def test_unusable_certificates_refuse_to_start(tmp_path: Path, pki: Pki, case: str) -> None:
+def signald(*args: str, user: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*user, sys.executable, "-m", "signald", *args], capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT
+    )
+
+
+def refused_alike(config: Path, *flags: str, user: Sequence[str] = ()) -> str:
+    """``--check-config`` and a start refuse ``config`` with the same one line and exit 2; that line."""
+    check = signald("--check-config", "--config", str(config), *flags, user=user)
+    start = signald("--config", str(config), *flags, user=user)
+    assert (check.returncode, start.returncode) == (2, 2), (check.stderr, start.stderr)
+    assert check.stderr == start.stderr and len(check.stderr.splitlines()) == 1, (check.stderr, start.stderr)
+    line = check.stderr.strip()
+    assert line.startswith("signald: configuration error: ")
+    assert "_ssl.c" not in line and "PEM lib" not in line  # plain words, not OpenSSL's
+    return line.removeprefix("signald: configuration error: ")
+
+
+def encrypted_key(pki: Pki, path: Path) -> str:
+    key = serialization.load_pem_private_key(pki.key.read_bytes(), password=None)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase"),
+    )
+    path.write_bytes(pem)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "case", ["cert-missing", "cert-not-pem", "key-not-pem", "key-of-another-cert", "key-encrypted"]
+)
+def test_unusable_certificates_are_refused_by_check_config_and_at_start(tmp_path: Path, pki: Pki, case: str) -> None:
     cert, key = str(pki.cert), str(pki.key)
-    if case == "missing":
-        key = str(tmp_path / "nope.pem")
-    elif case == "not-pem":
+    if case == "cert-missing":
+        cert = str(tmp_path / "nope.pem")
+        expected = f"server.tls_cert: {cert}: cannot read: No such file or directory"
+    elif case == "cert-not-pem":
         (tmp_path / "junk.pem").write_text("hello")
         cert = str(tmp_path / "junk.pem")
+        expected = f"server.tls_cert: {cert}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+    elif case == "key-not-pem":
+        (tmp_path / "junk.pem").write_text("hello")
+        key = str(tmp_path / "junk.pem")
+        expected = f"server.tls_key: {key}: holds no PEM private key (-----BEGIN PRIVATE KEY-----)"
+    elif case == "key-of-another-cert":
+        key = str(tmp_path / "other.pem")
+        trustme.CA().issue_cert("127.0.0.1").private_key_pem.write_to_path(key)
+        expected = f"server.tls_key: {key}: is not the private key of the certificate in {cert}"
     else:
-        other = tmp_path / "other.pem"
-        trustme.CA().issue_cert("127.0.0.1").private_key_pem.write_to_path(str(other))
-        key = str(other)
+        key = encrypted_key(pki, tmp_path / "encrypted.pem")
+        expected = f"server.tls_key: {key}: is encrypted with a passphrase; signald needs it without"
+    with pytest.raises(ConfigError) as info:
+        startup.check(structure({"server": {"tls_cert": cert, "tls_key": key}}))
+    assert str(info.value) == expected
+    if case == "key-of-another-cert":  # and the same through the command, both ways
+        config = tmp_path / "signald.toml"
+        config.write_text(f'[server]\nport = 0\ntls_cert = "{cert}"\ntls_key = "{key}"\n')
+        assert refused_alike(config) == expected
+
+
+def test_a_key_the_daemon_cannot_read_is_refused(pki: Pki) -> None:
+    """As the service's unprivileged user would be, given a root-only key (chmod 0600)."""
+    directory = Path(tempfile.mkdtemp(prefix="signald-tls-"))
+    try:
+        directory.chmod(0o755)
+        cert, key = directory / "cert.pem", directory / "key.pem"
+        shutil.copy(pki.cert, cert)
+        shutil.copy(pki.key, key)
+        cert.chmod(0o644)
+        key.chmod(0o000 if os.geteuid() != 0 else 0o600)
+        config = directory / "signald.toml"
+        config.write_text(f'[server]\nport = 0\ntls_cert = "{cert}"\ntls_key = "{key}"\n')
+        config.chmod(0o644)
+        # root reads any file: run as nobody then, as systemd's DynamicUser= would.
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+        assert refused_alike(config, user=nobody) == f"server.tls_key: {key}: cannot read: Permission denied"
+    finally:
+        shutil.rmtree(directory)
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("[::1]:3000", "server.host: '[::1]:3000' has a port in it: give the address alone ('::1')"),
+        ("[::1]", "server.host: '[::1]': give an IPv6 address without brackets ('::1')"),
+        ("my host", "server.host: 'my host' is not an IP address or a host name"),
+        ("", "server.host: '' is not an IP address or a host name"),
+        ("signald.invalid", "server.host: cannot resolve 'signald.invalid' to an address to listen on"),
+    ],
+)
+def test_a_listen_address_that_cannot_be_used_is_refused(host: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        startup.check(structure({"server": {"host": host}}))
+    assert str(info.value).startswith(expected)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::", "0.0.0.0", "localhost", "::ffff:127.0.0.1"])
+def test_usable_listen_addresses_pass(host: str) -> None:
+    startup.check(structure({"server": {"host": host}}))
+
+
+def test_a_port_in_host_is_refused_naming_the_flag(tmp_path: Path) -> None:
     config = tmp_path / "signald.toml"
-    config.write_text(f'[server]\nport = 0\ntls_cert = "{cert}"\ntls_key = "{key}"\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "signald", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        cwd=ROOT,
+    config.write_text("[server]\nport = 0\n")
+    line = refused_alike(config, "--host", "0.0.0.0:3000")
+    assert (
+        line == "--host: '0.0.0.0:3000' has a port in it: give the address alone ('0.0.0.0'), the port as server.port"
     )
-    assert result.returncode == 1
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(
-        f"signald: cannot start: server.tls_cert: cannot load {cert} with {key}: "
-    )
+
+
+def test_check_config_loads_good_tls_files(tmp_path: Path, pki: Pki) -> None:
+    config = tmp_path / "signald.toml"
+    config.write_text(f'[server]\nport = 0\ntls_cert = "{pki.cert}"\ntls_key = "{pki.key}"\n')
+    result = signald("--check-config", "--config", str(config))
+    assert (result.returncode, result.stderr) == (0, f"signald: configuration OK ({config})\n")

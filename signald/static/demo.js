@@ -9,8 +9,9 @@
 //     offers never collide and no "perfect negotiation" is needed;
 //   * trickle ICE: every candidate is sent as its own `ice-candidate` message as soon as the
 //     browser finds it, and `candidate: null` says there are no more;
-//   * STUN/TURN servers come from the server's configuration (GET /api/ice-servers), so an
-//     operator adds TURN in signald.toml without touching this page.
+//   * STUN/TURN servers come from the server's configuration (GET /api/ice-servers, then the
+//     member's own TURN credentials in joined-room when ice.turn_secret is set), so an operator
+//     adds TURN in signald.toml without touching this page.
 //
 // Incoming messages are handled strictly one at a time (see `inbox`): an ICE candidate must
 // never be applied while the offer or answer before it is still being set.
@@ -165,6 +166,7 @@ async function handle(msg) {
     case 'joined-room':
       // We are the newcomer: everyone listed will call us, so we only prepare their tiles.
       myPeerId = msg.peerId;
+      if (msg.iceServers) iceServers = msg.iceServers;  // with TURN credentials of our own
       $('lobby').hidden = true;
       $('call').hidden = false;
       $('room-name').textContent = msg.roomId;

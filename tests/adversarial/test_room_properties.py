@@ -43,7 +43,7 @@ class Probe:
     frames: list[dict[str, Any]] = attrs.field(factory=list)
     overflowed: bool = False
 
-    def deliver(self, text: str) -> bool:
+    def deliver(self, text: bytes) -> bool:
         frame = json.loads(text)
         self.world.check_delivery(self, frame)
         if self.overflowed or len(self.frames) >= self.capacity:
