@@ -76,12 +76,13 @@ async def _run(
 
                 async def serve(task_status: trio.TaskStatus[None]) -> None:
                     await server.serve(task_status=task_status)
-                    nursery.cancel_scope.cancel()  # drained: stop the heartbeat too
+                    nursery.cancel_scope.cancel()  # drained: stop the watchdog and status tasks too
 
                 await nursery.start(serve)
-                notifier.send("READY=1", f"STATUS={server.status()}")
-                watchdog = _systemd.watchdog_interval(environ, pid)
-                nursery.start_soon(_systemd.heartbeat, notifier, watchdog, server.status)
+                status = server.status()
+                notifier.send("READY=1", f"STATUS={status}")
+                nursery.start_soon(_systemd.watchdog, notifier, _systemd.watchdog_interval(environ, pid))
+                nursery.start_soon(_systemd.follow_status, notifier, server.status, status)
                 task_status.started(server)
                 async for signum in signals:
                     if signum == signal.SIGHUP:

@@ -10,6 +10,8 @@ Every read of a request is bounded by ``server.request_timeout`` (slowloris), ev
 ``Content-Length`` and ``Transfer-Encoding`` is refused outright: a proxy in front of us might
 frame its body by the other header, and the bytes it disagrees about would be a smuggled request.
 Each WebSocket counts against the connection caps, by client address, from its handshake on.
+A drain (the host's ``draining``) answers the request under way with ``Connection: close`` and
+ends a keep-alive connection idling between requests (:meth:`HttpConnection.close_if_idle`).
 
 The connection knows the server only through :class:`Host`, the six things it needs.
 """
@@ -100,6 +102,21 @@ class HttpConnection:
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         #: The ``Origin`` of the request being read, for the CORS headers of an error about it.
         self._origin: str | None = None
+        #: Whether a response has been sent, so that the wait for the next request is keep-alive idling.
+        self._answered = False
+        #: Set while idling between keep-alive requests with nothing received: what a drain cancels.
+        self._idle: trio.CancelScope | None = None
+
+    def close_if_idle(self) -> None:
+        """Drain: end the connection now if it idles between keep-alive requests.
+
+        A request under way is served to the end (with ``Connection: close``), and so is the
+        first request of a connection accepted before the drain: its client has connected and
+        is sending it. Only an idle keep-alive connection is closed, which a client may always
+        expect (RFC 9112 9.3.1, 9.6) and retries on a new connection.
+        """
+        if self._idle is not None:
+            self._idle.cancel()
 
     async def _send(self, event: h11.Event) -> None:
         data = self._conn.send(event)
@@ -127,7 +144,18 @@ class HttpConnection:
             if event is h11.NEED_DATA:
                 if self._conn.they_are_waiting_for_100_continue:
                     await self._send(h11.InformationalResponse(status_code=100, headers=[]))
-                self._conn.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
+                if self._answered and request is None and not self._conn.trailing_data[0]:
+                    data = b""  # unless a byte comes before the drain: closed between requests
+                    with trio.CancelScope() as self._idle:
+                        if self._host.draining:
+                            self._idle.cancel()
+                        data = await self._stream.receive_some(RECEIVE_SIZE)
+                    self._idle = None
+                    if not data:
+                        return None
+                    self._conn.receive_data(data)
+                else:
+                    self._conn.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
             elif isinstance(event, h11.Request):
                 request = event
                 self._origin = next((v.decode("latin-1") for n, v in event.headers if n == b"origin"), None)
@@ -148,62 +176,74 @@ class HttpConnection:
                 return None
 
     async def run(self) -> None:
-        timeout = self._host.request_timeout
         try:
-            while True:
-                with trio.move_on_after(timeout) as scope:
-                    try:
-                        received = await self._read_request()
-                    except h11.RemoteProtocolError as exc:
-                        log.info("%s: bad HTTP request: %s", self._remote, exc)
-                        await self._respond_if_possible(
-                            error_response(
-                                exc.error_status_hint, "bad-request", f"malformed HTTP request: {exc}", self._cors()
-                            )
-                        )
-                        return
-                    except _BodyTooLarge:
-                        await self._respond_if_possible(
-                            error_response(
-                                413, "payload-too-large", f"request body over {MAX_BODY_BYTES} bytes", self._cors()
-                            )
-                        )
-                        return
-                if scope.cancelled_caught:
-                    if self._conn.their_state is h11.SEND_BODY or (
-                        self._conn.their_state is h11.IDLE and self._conn.trailing_data[0]
-                    ):
-                        await self._respond_if_possible(
-                            error_response(408, "request-timeout", "request took too long", self._cors())
-                        )
-                    return
-                if received is None:
-                    return
-                request, body = received
-                headers = _header_map(request)
-                method = request.method.decode("ascii")
-                target = request.target.decode("latin-1")
-                if target.split("?", 1)[0] == PATH:
-                    await self._upgrade(method, headers)
-                    return
-                response = await self._host.respond(HttpRequest(method, target, headers, body, self._client(headers)))
-                log.debug(
-                    "%s: %s %s -> %d",
-                    self._remote,
-                    request.method.decode(),
-                    request.target.decode("latin-1"),
-                    response.status,
-                )
-                await self._respond(response)
-                if self._conn.our_state is h11.MUST_CLOSE or self._host.draining:
-                    return
-                self._conn.start_next_cycle()
-                self._origin = None
+            upgrade = await self._serve_http()
+            if upgrade is not None:
+                admission, accept = upgrade
+                with admission.hold:  # entered with no checkpoint since the check: no race
+                    await self._websocket(admission, accept)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away mid-exchange
         finally:
             with trio.move_on_after(0):
                 await self._stream.aclose()
+
+    async def _serve_http(self) -> tuple[Admission, list[tuple[str, str]]] | None:
+        """Requests until the connection should close (None), or an admitted upgrade."""
+        timeout = self._host.request_timeout
+        while True:
+            with trio.move_on_after(timeout) as scope:
+                try:
+                    received = await self._read_request()
+                except h11.RemoteProtocolError as exc:
+                    log.info("%s: bad HTTP request: %s", self._remote, exc)
+                    await self._respond_if_possible(
+                        error_response(
+                            exc.error_status_hint, "bad-request", f"malformed HTTP request: {exc}", self._cors()
+                        )
+                    )
+                    return None
+                except _BodyTooLarge:
+                    await self._respond_if_possible(
+                        error_response(
+                            413, "payload-too-large", f"request body over {MAX_BODY_BYTES} bytes", self._cors()
+                        )
+                    )
+                    return None
+            if scope.cancelled_caught:
+                if self._conn.their_state is h11.SEND_BODY or (
+                    self._conn.their_state is h11.IDLE and self._conn.trailing_data[0]
+                ):
+                    await self._respond_if_possible(
+                        error_response(408, "request-timeout", "request took too long", self._cors())
+                    )
+                return None
+            if received is None:
+                return None
+            request, body = received
+            headers = _header_map(request)
+            method = request.method.decode("ascii")
+            target = request.target.decode("latin-1")
+            if target.split("?", 1)[0] == PATH:
+                admission = self._host.admit(method, headers, self._client(headers))
+                if isinstance(admission, HttpResponse):
+                    await self._respond(admission, close=True)
+                    return None
+                return admission, accept_headers(headers)
+            response = await self._host.respond(HttpRequest(method, target, headers, body, self._client(headers)))
+            log.debug(
+                "%s: %s %s -> %d",
+                self._remote,
+                request.method.decode(),
+                request.target.decode("latin-1"),
+                response.status,
+            )
+            await self._respond(response)
+            self._answered = True
+            if self._conn.our_state is h11.MUST_CLOSE or self._host.draining:
+                return None
+            self._conn.start_next_cycle()
+            self._origin = None
 
     async def _respond_if_possible(self, response: HttpResponse) -> None:
         if self._conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
@@ -226,16 +266,13 @@ class HttpConnection:
         """The per-address key of the client: the peer, or whom a trusted proxy forwarded."""
         return self._host.client_key(self._peer_host, headers.get("x-forwarded-for"))
 
-    async def _upgrade(self, method: str, headers: Mapping[str, str]) -> None:
-        admission = self._host.admit(method, headers, self._client(headers))
-        if isinstance(admission, HttpResponse):
-            await self._respond(admission, close=True)
+    async def _websocket(self, admission: Admission, accept: list[tuple[str, str]]) -> None:
+        with trio.move_on_after(self._host.request_timeout) as handshake:
+            await self._send(h11.InformationalResponse(status_code=101, headers=accept))
+        if handshake.cancelled_caught:
+            log.info("%s: WebSocket handshake timed out", self._remote)
             return
-        with admission.hold:  # no checkpoint since the check: no race
-            with trio.move_on_after(self._host.request_timeout) as handshake:
-                await self._send(h11.InformationalResponse(status_code=101, headers=accept_headers(headers)))
-            if handshake.cancelled_caught:
-                log.info("%s: WebSocket handshake timed out", self._remote)
-                return
-            early, _ = self._conn.trailing_data
-            await admission.run(self._stream, early, self._remote)
+        early, _ = self._conn.trailing_data
+        # h11 is done with this connection: its state and buffers need not live as long as the WebSocket.
+        del self._conn
+        await admission.run(self._stream, early, self._remote)

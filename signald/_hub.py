@@ -54,7 +54,8 @@ class _Leave:
     peer_id: str
 
 
-@attrs.frozen
+#: Not frozen: one per relayed message, and a frozen attrs class takes twice as long to build.
+@attrs.define
 class _Relay:
     sender_id: str
     to: str

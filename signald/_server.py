@@ -1,20 +1,34 @@
 """The daemon's lifecycle: listen, serve, drain.
 
 One nursery holds the room tasks; inside it, a second nursery holds the listener and every
-connection. Shutdown (``shutdown()``, called on SIGTERM/SIGINT) flips the server into
-draining: /health answers 503, upgrades are refused, every WebSocket is asked to close with
-1001, and once they have (or ``server.shutdown_grace`` has passed) the connection nursery is
-cancelled. The room store, when there is one, encloses both, so it is opened (and its rooms
+connection. Shutdown (``shutdown()``, called on SIGTERM/SIGINT) drains in this order:
+
+1. Stop accepting: the listeners are closed before anything else. Under socket activation
+   that closes only our descriptor; systemd keeps the listening socket open, so connections
+   made from now on wait in its backlog for the next process instead of meeting this one
+   (which would only refuse them). Without systemd, new connections are refused.
+2. Let every HTTP exchange under way finish, answered with ``Connection: close``, including
+   the first request of a connection accepted just before; keep-alive connections idling
+   between requests are closed. Upgrades are refused meanwhile, and /health answers 503
+   unless the socket came from systemd (whose port stays served).
+3. Ask every WebSocket to close with 1001.
+4. Once every connection has ended, or ``server.shutdown_grace`` has passed, cancel what is
+   left. Nothing in progress is cancelled before that.
+
+The room store, when there is one, encloses both nurseries, so it is opened (and its rooms
 restored) before anything listens and finishes writing after the last room task has stopped.
-Nothing outlives ``serve``.
+In cluster mode (``[cluster]``) the link to Redis takes the store's place, so that sessions
+closing in the drain still leave their rooms in Redis. Nothing outlives ``serve``.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import ssl
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import trio
 
@@ -35,6 +49,11 @@ from ._websocket import CLOSE_GOING_AWAY
 
 log = logging.getLogger("signald")
 
+#: accept(2) failures that mean "out of file descriptors or memory for now", not a broken
+#: listener (as in trio.serve_listeners): wait a moment and accept again.
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_RETRY_SECONDS = 0.1
+
 
 class Server:
     """Create one, then ``await nursery.start(server.serve)``; ``shutdown()`` stops it.
@@ -50,8 +69,10 @@ class Server:
         self.port: int | None = None
         self._cors = CorsPolicy(config.cors.allowed_origins)
         self._websockets: set[WebSocket] = set()
+        #: Every accepted connection, WebSockets included, until its handler returns.
+        self._connections: set[HttpConnection] = set()
         self._stop = trio.Event()
-        self._websockets_gone = trio.Event()
+        self._connections_gone = trio.Event()
         self.proxies = TrustedProxies(config.server.trusted_proxies)
         self.connections = ConnectionCounter(config.limits.max_connections, config.limits.max_connections_per_ip)
         self.room_creations = BucketsByKey(config.limits.room_create_rate, config.limits.room_create_burst)
@@ -97,8 +118,6 @@ class Server:
             await websocket.run()
         finally:
             self._websockets.discard(websocket)
-            if self.draining and not self._websockets:
-                self._websockets_gone.set()
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -119,7 +138,10 @@ class Server:
         return pending
 
     def _rest_api(self) -> RestApi:
-        return RestApi(self.config, self._hub, lambda: self.draining, self.room_creations)
+        # /health speaks for the port. Under socket activation the port stays served while a
+        # process drains (its successor takes the backlog), so what the draining process still
+        # answers says "healthy"; only a port that is going away says "shutting-down".
+        return RestApi(self.config, self._hub, lambda: self.draining and not self._inherited, self.room_creations)
 
     def status(self) -> str:
         """One line for ``systemctl status``."""
@@ -137,18 +159,62 @@ class Server:
         except OSError as exc:
             raise ConfigError("server.port", f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
-    async def _handle(self, stream: Stream) -> None:
+    def _opened(self, stream: Stream) -> tuple[HttpConnection, str]:
+        """A connection just accepted, counted as open from now on, and its "host:port"."""
         transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
         try:
             host, port, *_ = transport.socket.getpeername()
         except OSError:
             host, port = "?", 0
         remote = f"{host}:{port}"
+        connection = HttpConnection(self, stream, host, remote)
+        self._connections.add(connection)
+        return connection, remote
+
+    async def _handle(self, connection: HttpConnection, remote: str) -> None:
         try:
-            await HttpConnection(self, stream, host, remote).run()
+            await connection.run()
         except Exception:
             # A bug in one connection's code must not take the server down with it.
             log.exception("%s: connection failed", remote)
+        finally:
+            self._connections.discard(connection)
+            if self.draining and not self._connections:
+                self._connections_gone.set()
+
+    async def _accept(
+        self,
+        listeners: Sequence[trio.abc.Listener[Any]],
+        connections: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[trio.CancelScope],
+    ) -> None:
+        """Accept into ``connections`` until the scope handed to ``task_status`` is cancelled.
+
+        The connections run in the caller's nursery, so cancelling the scope stops accepting
+        and nothing else.
+        """
+        with trio.CancelScope() as accepting:
+            task_status.started(accepting)
+            async with trio.open_nursery() as nursery:
+                for listener in listeners:
+                    nursery.start_soon(self._accept_one, listener, connections)
+
+    async def _accept_one(self, listener: trio.abc.Listener[Any], connections: trio.Nursery) -> None:
+        """Not trio.serve_listeners: a connection must count as open from the moment it is
+        accepted, before its task first runs, or a drain that starts in between would find
+        no connection, end at once, and cut the one whose task then starts.
+        """
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error("cannot accept a connection: %s; retrying in %.1f s", exc.strerror, ACCEPT_RETRY_SECONDS)
+                await trio.sleep(ACCEPT_RETRY_SECONDS)
+                continue
+            connections.start_soon(self._handle, *self._opened(stream))
 
     async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until ``shutdown()``, then drain; ``task_status.started`` once accepting."""
@@ -176,11 +242,12 @@ class Server:
         listeners = await self._listen()
         self.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as connections:
-            if tls is None:
-                connections.start_soon(trio.serve_listeners, self._handle, listeners)
-            else:
-                secure = [trio.SSLListener(listener, tls, https_compatible=True) for listener in listeners]
-                connections.start_soon(trio.serve_listeners, self._handle, secure)
+            served: Sequence[trio.abc.Listener[Any]] = (
+                listeners
+                if tls is None
+                else [trio.SSLListener(listener, tls, https_compatible=True) for listener in listeners]
+            )
+            accepting = await connections.start(self._accept, served, connections)
             log.info(
                 "listening on %s%s%s",
                 ", ".join(_address(listener.socket) for listener in listeners),
@@ -190,15 +257,28 @@ class Server:
             task_status.started(self)
             await self._stop.wait()
             self.draining = True
-            log.info("shutting down: closing %d WebSocket(s)", len(self._websockets))
+            # Cancelling first means no accept is waiting when the sockets close (and no
+            # connection is accepted after this). Closing drops only our descriptor of a
+            # socket from systemd: it keeps listening.
+            accepting.cancel()
+            for listener in listeners:
+                await listener.aclose()
+            log.info(
+                "shutting down: stopped accepting; closing %d WebSocket(s), finishing %d HTTP connection(s)",
+                len(self._websockets),
+                len(self._connections) - len(self._websockets),
+            )
+            for connection in list(self._connections):
+                connection.close_if_idle()
             for websocket in list(self._websockets):
                 websocket.close(CLOSE_GOING_AWAY, "server shutting down")
-            if not self._websockets:
-                self._websockets_gone.set()
+            if not self._connections:
+                self._connections_gone.set()
             with trio.move_on_after(server_config.shutdown_grace):
-                await self._websockets_gone.wait()
+                await self._connections_gone.wait()
+            if self._connections:
+                log.warning("shutdown_grace passed: cutting %d connection(s)", len(self._connections))
             connections.cancel_scope.cancel()
-
 
 async def _reuse_port_listeners(host: str, port: int) -> list[trio.SocketListener]:
     """What ``trio.open_tcp_listeners`` does, plus SO_REUSEPORT on every socket.

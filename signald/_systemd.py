@@ -26,8 +26,9 @@ log = logging.getLogger("signald")
 
 #: The first file descriptor systemd passes (after stdin, stdout, stderr).
 SD_LISTEN_FDS_START = 3
-#: Seconds between STATUS= updates when systemd expects no watchdog pings.
-STATUS_INTERVAL = 10.0
+#: Seconds between looks at the counts for STATUS=, so ``systemctl status`` follows a change
+#: within about this long. A look counts the members of every room (microseconds per room).
+STATUS_INTERVAL = 1.0
 
 
 class Notifier:
@@ -79,23 +80,33 @@ def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
     return usec / 2_000_000 if usec > 0 else None
 
 
-async def heartbeat(notifier: Notifier, interval: float | None, status: Callable[[], str]) -> None:
-    """Every ``interval`` seconds send ``WATCHDOG=1`` and a fresh ``STATUS=``; runs forever.
+async def watchdog(notifier: Notifier, interval: float | None) -> None:
+    """Every ``interval`` seconds send ``WATCHDOG=1``; runs forever (or returns if not expected).
 
     This is a task in the main trio loop on purpose: if the loop wedges (a blocking call, a
-    busy loop), the pings stop and systemd restarts the service. Without a watchdog it only
-    keeps ``systemctl status`` current.
+    busy loop), the pings stop and systemd restarts the service.
+    """
+    if not notifier.enabled or interval is None:
+        return
+    while True:
+        await trio.sleep(interval)
+        notifier.send("WATCHDOG=1")
+
+
+async def follow_status(notifier: Notifier, status: Callable[[], str], sent: str) -> None:
+    """Send ``STATUS=`` each time ``status()`` differs from what was last sent (``sent``).
+
+    It looks every ``STATUS_INTERVAL`` seconds rather than on every join and leave: a busy
+    room would otherwise send a datagram per join, and systemd needs no more than a glance.
     """
     if not notifier.enabled:
         return
-    period = interval if interval is not None else STATUS_INTERVAL
     while True:
-        await trio.sleep(period)
-        status_line = f"STATUS={status()}"
-        if interval is None:
-            notifier.send(status_line)
-        else:
-            notifier.send("WATCHDOG=1", status_line)
+        await trio.sleep(STATUS_INTERVAL)
+        current = status()
+        if current != sent:
+            notifier.send(f"STATUS={current}")
+            sent = current
 
 
 def listen_fds(environ: Mapping[str, str], pid: int) -> range:

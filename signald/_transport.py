@@ -28,7 +28,7 @@ import trio
 from ._auth import JoinTokens
 from ._config import LimitsConfig
 from ._hub import RoomHub
-from ._outbox import Close, Outbox, Ping, Raw
+from ._outbox import Close, Item, Outbox, Ping, Raw
 from ._session import Join, Leave, Session, State
 from ._websocket import Binary, Closed, Codec, Pong, text_frame
 
@@ -196,29 +196,37 @@ class WebSocket:
                     await command.room.relay(command.sender_id, command.to, command.text, command.request_id)
 
     async def _writer(self) -> None:
-        codec, outbox, stream = self._codec, self.outbox, self._stream
+        outbox, stream = self.outbox, self._stream
         try:
             while batch := await outbox.take():
-                chunks: list[bytes] = []
-                text_bytes = 0
-                for item in batch:
-                    if type(item) is bytes:
-                        chunks.append(text_frame(item))
-                        text_bytes += len(item)
-                    elif isinstance(item, Raw):
-                        chunks.append(item.data)
-                    elif isinstance(item, Ping):
-                        codec.ping(item.payload)
-                        chunks.append(codec.pending())
-                    elif isinstance(item, Close):
-                        codec.close(item.code, item.reason)
-                        chunks.append(codec.pending())
-                await stream.send_all(b"".join(chunks) if len(chunks) > 1 else chunks[0])
+                data, text_bytes = self._encode(batch)
+                del batch  # nothing of a written batch stays alive while the writer waits for the next
+                await stream.send_all(data)
+                del data
                 outbox.written(text_bytes)
-            if codec.eof_requested and isinstance(stream, trio.abc.HalfCloseableStream):
+            if self._codec.eof_requested and isinstance(stream, trio.abc.HalfCloseableStream):
                 await stream.send_eof()  # a failed connection: the client sees our close, then EOF
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.session.socket_closed(trio.current_time())
             self._wake()
         finally:
             self._written.set()
+
+    def _encode(self, batch: list[Item]) -> tuple[bytes, int]:
+        """The bytes of a batch of frames, and how many of them the outbox counted."""
+        codec = self._codec
+        chunks: list[bytes] = []
+        text_bytes = 0
+        for item in batch:
+            if type(item) is bytes:
+                chunks.append(text_frame(item))
+                text_bytes += len(item)
+            elif isinstance(item, Raw):
+                chunks.append(item.data)
+            elif isinstance(item, Ping):
+                codec.ping(item.payload)
+                chunks.append(codec.pending())
+            elif isinstance(item, Close):
+                codec.close(item.code, item.reason)
+                chunks.append(codec.pending())
+        return (b"".join(chunks) if len(chunks) > 1 else chunks[0]), text_bytes

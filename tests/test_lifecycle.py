@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,7 +15,8 @@ from typing import Any
 import h11
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, ConnectionRejected
+import trio.testing
+from trio_websocket import ConnectionClosed
 
 from signald import Server
 from signald._rest import RestApi
@@ -49,7 +51,8 @@ async def test_shutdown_drains_within_grace() -> None:
                     while True:
                         await client.ws.get_message()
                 assert info.value.reason.code == 1001
-            # An HTTP connection that was already open hears 503 from /health.
+            # A connection accepted before the drain still gets its first request answered:
+            # /health says 503, so a load balancer looking at it stops sending.
             await health_stream.send_all(
                 conn.send(h11.Request(method="GET", target="/health", headers=[("Host", "x")]))
             )
@@ -58,15 +61,121 @@ async def test_shutdown_drains_within_grace() -> None:
                 status, headers, body = await read_response(conn, health_stream)
             assert status == 503 and body["status"] == "shutting-down"
             assert headers.get("connection") == "close"
-        # Meanwhile new upgrades are refused (while the mute peer keeps the drain going).
-        with pytest.raises(ConnectionRejected) as rejected:
-            async with connect(port):
-                pass
-        assert rejected.value.status_code == 503
+        # Meanwhile nothing new is accepted (while the mute peer keeps the drain going): the
+        # listener is closed, so without systemd holding the socket a connection is refused.
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.1", port)
     # inner exits once serve() has returned: bounded by the grace, despite the mute peer.
     assert trio.current_time() - started_at < 2.0 + 1.0
     await mute.aclose()
     await health_stream.aclose()
+
+
+def _post_room(name: str) -> tuple[bytes, bytes]:
+    """A POST /api/rooms request cut in two: everything but the body's last byte, and that byte."""
+    body = json.dumps({"name": name}).encode()
+    head = b"POST /api/rooms HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    return head + body[:-1], body[-1:]
+
+
+async def test_drain_finishes_the_request_under_way_and_closes_idle_keep_alive() -> None:
+    server = Server(make_config(server={"shutdown_grace": 30.0, "request_timeout": 30.0}))
+    # serve() must return by itself once both are done, long before the grace or the request timeout.
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as inner:
+            await inner.start(server.serve)
+            assert server.port
+            idle = await trio.open_tcp_stream("127.0.0.1", server.port)
+            idle_conn = h11.Connection(h11.CLIENT)
+            await idle.send_all(idle_conn.send(h11.Request(method="GET", target="/api/rooms", headers=[("Host", "x")])))
+            await idle.send_all(idle_conn.send(h11.EndOfMessage()))
+            with trio.fail_after(TIMEOUT):
+                status, headers, _ = await read_response(idle_conn, idle)
+            assert status == 200 and "connection" not in headers  # kept alive
+            busy = await trio.open_tcp_stream("127.0.0.1", server.port)
+            first, rest = _post_room("standup")
+            await busy.send_all(first)
+            await trio.testing.wait_all_tasks_blocked()  # the server holds the half request
+            server.shutdown()
+            await trio.testing.wait_all_tasks_blocked()  # the drain has begun
+            # The idle keep-alive connection is closed at once, without waiting for request_timeout.
+            with trio.fail_after(TIMEOUT):
+                assert await idle.receive_some(1024) == b""
+            # The request under way is not cut: it completes and is answered in full.
+            await busy.send_all(rest)
+            with trio.fail_after(TIMEOUT):
+                status, headers, body = await read_response(_sent(), busy)
+            assert status == 201 and body["name"] == "standup"
+            assert headers.get("connection") == "close"
+            with trio.fail_after(TIMEOUT):
+                assert await busy.receive_some(1024) == b""
+    await idle.aclose()
+    await busy.aclose()
+
+
+async def test_every_listener_is_served_and_closed_by_the_drain() -> None:
+    with socket.socket() as first, socket.socket() as second:
+        for held in (first, second):
+            held.bind(("127.0.0.1", 0))
+            held.listen(16)
+        server = Server(make_config(), [first.dup(), second.dup()])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            for held in (first, second):
+                status, _, _ = await http_request(held.getsockname()[1], "GET", "/health")
+                assert status == 200
+            server.shutdown()
+        # serve() returned by itself: the drain stopped the accepting on both.
+
+
+def _sent() -> h11.Connection:
+    """A client h11 connection that has sent a request, to read the response to one sent by hand."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+    conn.send(h11.EndOfMessage())
+    return conn
+
+
+async def test_under_socket_activation_connections_made_during_the_drain_wait_for_the_next_process() -> None:
+    # `held` stands in for systemd: it keeps the listening socket while the processes change.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(16)
+        port = held.getsockname()[1]
+        old = Server(make_config(cors={"allowed_origins": ["https://old.example"]}), [held.dup()])
+        new = Server(make_config(cors={"allowed_origins": ["https://new.example"]}), [held.dup()])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(old.serve)
+            busy = await trio.open_tcp_stream("127.0.0.1", port)
+            first, rest = _post_room("standup")
+            await busy.send_all(first)
+            probe = await trio.open_tcp_stream("127.0.0.1", port)
+            await probe.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # the head's last line to come
+            await trio.testing.wait_all_tasks_blocked()
+            old.shutdown()
+            await trio.testing.wait_all_tasks_blocked()  # draining, held up by the half request
+            # Accepted by the kernel into the backlog, not by the draining process.
+            late = await trio.open_tcp_stream("127.0.0.1", port)
+            await late.send_all(b"GET /api/rooms HTTP/1.1\r\nHost: x\r\nOrigin: https://new.example\r\n\r\n")
+            # The port is not going away, so the draining process's last /health says so.
+            await probe.send_all(b"\r\n")
+            with trio.fail_after(TIMEOUT):
+                status, _, body = await read_response(_sent(), probe)
+            assert status == 200 and body["status"] == "healthy"
+            await busy.send_all(rest)
+            with trio.fail_after(TIMEOUT):
+                status, _, _ = await read_response(_sent(), busy)
+            assert status == 201
+        # The old process has gone; its successor takes the same socket and answers.
+        async with trio.open_nursery() as nursery:
+            await nursery.start(new.serve)
+            with trio.fail_after(TIMEOUT):
+                status, headers, body = await read_response(_sent(), late)
+            assert status == 200 and body == {"rooms": []}
+            assert headers["access-control-allow-origin"] == "https://new.example"
+            new.shutdown()
+        for stream in (busy, probe, late):
+            await stream.aclose()
 
 
 async def test_crash_in_one_connection_does_not_take_the_server_down(

@@ -19,11 +19,13 @@ import trio
 import trustme
 from cryptography.hazmat.primitives import serialization
 
+from signald import Server
 from signald import _startup as startup
 from signald._config import ConfigError, structure
 
 from ._clients import TIMEOUT, connect, read_response
 from ._process import ROOT
+from .conftest import make_config
 
 
 @attrs.frozen
@@ -211,6 +213,29 @@ def test_a_port_in_host_is_refused_naming_the_flag(tmp_path: Path) -> None:
     assert (
         line == "--host: '0.0.0.0:3000' has a port in it: give the address alone ('0.0.0.0'), the port as server.port"
     )
+
+
+async def test_drain_closes_an_idle_tls_keep_alive_connection_cleanly(
+    pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = Server(make_config(server={"tls_cert": str(pki.cert), "tls_key": str(pki.key), "request_timeout": 30.0}))
+    with trio.fail_after(TIMEOUT):  # well before request_timeout: the idle connection does not hold the drain
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            assert server.port
+            # https_compatible: the server closes without close_notify, as HTTPS servers may.
+            stream = await trio.open_ssl_over_tcp_stream(
+                "127.0.0.1", server.port, ssl_context=pki.client, https_compatible=True
+            )
+            conn = h11.Connection(h11.CLIENT)
+            await stream.send_all(conn.send(h11.Request(method="GET", target="/health", headers=[("Host", "x")])))
+            await stream.send_all(conn.send(h11.EndOfMessage()))
+            status, headers, _ = await read_response(conn, stream)
+            assert status == 200 and "connection" not in headers
+            server.shutdown()
+            assert await stream.receive_some(1024) == b""
+    await stream.aclose()
+    assert "connection failed" not in caplog.text
 
 
 def test_check_config_loads_good_tls_files(tmp_path: Path, pki: Pki) -> None:

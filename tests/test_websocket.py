@@ -303,6 +303,24 @@ async def test_silent_peer_is_dropped_after_ping_timeout(server_factory: Callabl
             await a.roundtrip_ping()
 
 
+async def test_a_silent_member_leaves_at_the_ping_timeout_not_after_the_close_handshake(
+    server_factory: Callable[..., Any],
+) -> None:
+    """The room hears of it when the server gives up on the member, though the close may take 60 s."""
+    server = await server_factory(limits={"ping_interval": 0.05, "ping_timeout": 0.2, "close_timeout": 60})
+    async with connect(server.port) as a:
+        await a.join("r", "a")
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            await stream.send_all(UPGRADE_REQUEST)
+            await stream.send_all(text_frame({"type": "join-room", "roomId": "r", "username": "mute"}))
+            joined = await a.expect("user-joined", username="mute")
+            started = trio.current_time()
+            left = await a.expect("user-left")  # within TIMEOUT (10 s), far less than close_timeout
+            assert left["peerId"] == joined["peerId"]
+            assert trio.current_time() - started < TIMEOUT
+
+
 async def test_frame_pipelined_with_the_handshake_is_answered(server: Server) -> None:
     """Bytes h11 read past the request head reach the WebSocket, and are acted on at once."""
     assert server.port
