@@ -33,7 +33,17 @@ import trio
 
 from . import _messages as m
 from ._config import Config
-from ._hub import ClusterUnavailable, RoomHub, RoomInfo, RoomTask, TooManyRooms, _Join, _Leave, _Relay
+from ._hub import (
+    ClusterUnavailable,
+    ResumeFailed,
+    RoomHub,
+    RoomInfo,
+    RoomTask,
+    TooManyRooms,
+    _Join,
+    _Leave,
+    _Relay,
+)
 from ._ids import new_peer_id, new_room_id
 from ._redis import RedisLink
 from ._room import Member, Room
@@ -60,6 +70,10 @@ class RemoteMember:
     def deliver(self, text: bytes) -> bool:
         """Membership events reach it from its own node; relays go through ``RedisLink.relay``."""
         return True
+
+    def superseded(self) -> list[bytes]:
+        """Its frames are queued on its own node, not here."""
+        return []
 
 
 @attrs.frozen
@@ -109,7 +123,7 @@ class ClusterRoomTask(RoomTask):
             not isinstance(seat.member, RemoteMember) for seat in self.room.seats.values()
         )
 
-    def _ends(self, deadline: float) -> bool:
+    def _ends(self, now: float, idle_since: float | None) -> bool:
         return True  # the room lives on in Redis; this node needs no task for it without members
 
     def _end_reason(self) -> str:
@@ -129,16 +143,20 @@ class ClusterRoomTask(RoomTask):
         if sent:
             self._link.leave_soon(self.room.id, peer_id)
 
-    async def leave(self, peer_id: str) -> None:
+    async def leave(self, member: Member) -> None:
         """Leave through Redis, whose event removes the member here in the room's order."""
         left = False
         try:
-            left = await self._link.leave(self.room.id, peer_id)
+            left = await self._link.leave(self.room.id, member.peer_id)
         finally:
             if not left:  # Redis is away (or we were cancelled): leave here now, there later
-                self._link.leave_soon(self.room.id, peer_id)
+                self._link.leave_soon(self.room.id, member.peer_id)
                 with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
-                    self._send.send_nowait(_Leave(peer_id))
+                    self._send.send_nowait(_Leave(member))
+
+    async def suspend(self, member: Member, unsent: list[bytes], max_bytes: int) -> None:
+        """A lost connection leaves at once: resume does not reach across nodes yet."""
+        await self.leave(member)
 
     def _apply(self, command: Any) -> None:
         if isinstance(command, _Relay):
@@ -155,15 +173,18 @@ class ClusterRoomTask(RoomTask):
                 pending.done.set()
             if command.sent and (pending is not None or command.peer_id in self.room.seats):
                 self._link.leave_soon(self.room.id, command.peer_id)
-                if not self._link.available:  # no leave event will come: remove it here now
-                    self.room.leave(command.peer_id)
+                seat = self.room.seats.get(command.peer_id)
+                if seat is not None and not self._link.available:  # no leave event will come
+                    self.room.leave(seat.member)
         elif isinstance(command, _Sync):
             self._sync(command.prune)
-        else:  # _Lost
+        elif isinstance(command, _Lost):
             for pending in self._pending.values():
                 pending.member.deliver(_unavailable(pending.request_id))
                 pending.done.set()
             self._pending.clear()
+        else:  # a resume: no seat here has a resume token, so it is refused
+            super()._apply(command)
 
     def _relay(self, command: _Relay) -> None:
         seats = self.room.seats
@@ -224,7 +245,7 @@ class ClusterRoomTask(RoomTask):
                 # Swept as dead while alive (stalled past node_timeout): the member is still
                 # connected here, and the lapsed lease makes this node register it again.
                 return
-            room.leave(peer_id)
+            room.leave(room.seats[peer_id].member)
             log.info("room %s: %s left (%d present)", room.id, peer_id, room.participant_count)
 
     def _reset(self, entries: list[list[Any]], *, prune: bool) -> None:
@@ -234,7 +255,7 @@ class ClusterRoomTask(RoomTask):
         if prune:
             for peer_id, seat in list(room.seats.items()):
                 if isinstance(seat.member, RemoteMember) and peer_id not in listed:
-                    room.leave(peer_id)
+                    room.leave(seat.member)
                     log.info("room %s: %s left (no longer in redis)", room.id, peer_id)
         for peer_id, username, node, joined_at, _ in entries:
             if peer_id not in room.seats and node != self._link.node:
@@ -332,6 +353,11 @@ class ClusterHub(RoomHub):
             task.forget(member.peer_id)
             raise
         return task if command.joined else None
+
+    async def resume(
+        self, token: str, connect: Callable[[str, str], Member], request_id: m.RequestId = None
+    ) -> tuple[RoomTask, Member]:
+        raise ResumeFailed("resume is not available when signald runs as a cluster ([cluster]) yet")
 
     # -- what the link tells ---------------------------------------------------------
 

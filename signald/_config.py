@@ -83,6 +83,10 @@ class RoomsConfig:
     idle_ttl: float = _bounded(86400.0, low=1, high=10 * 365 * 86400)
     #: Live rooms at most (each is a task and some memory); further creation is refused.
     max_rooms: int = _bounded(100_000, low=1, high=10_000_000)
+    #: Seconds a member whose connection was lost keeps its seat, waiting to resume; 0 = off.
+    resume_grace: float = _bounded(30.0, low=0, high=86400)
+    #: Messages kept for a member while it is away; one more ends its session.
+    resume_buffer: int = _bounded(256, low=1, high=1_000_000)
 
 
 @attrs.frozen

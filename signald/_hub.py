@@ -12,6 +12,13 @@ A room task ends when its room should no longer exist (empty, and either created
 idle past ``rooms.idle_ttl``). It unregisters itself and closes its channel in the same
 synchronous step in which it saw the channel empty, so a command can never be lost in between:
 a sender that loses the race gets ``BrokenResourceError`` and looks the room up again.
+Commands that find the channel's deadline already past are still applied before it ends.
+
+The room task's one wait has a deadline, and that deadline is the only timer a room has: the
+idle TTL of an empty posted room, or the end of the earliest grace of a suspended member.
+A resume token names its room, so finding the seat it belongs to is the same lookup as a
+join's; no table of live tokens exists to share between processes. The hub only remembers,
+within a bound, tokens that stopped working and why, to answer a late resume in words.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import trio
 
 from . import _messages as m
 from ._config import RoomsConfig
-from ._ids import new_room_id, utc_now
+from ._ids import new_resume_token, new_room_id, resume_token_seat, utc_now
 from ._room import Member, Room
 from ._turn import IceServers
 
@@ -51,7 +58,25 @@ class _Join:
 
 @attrs.frozen
 class _Leave:
+    member: Member
+
+
+@attrs.frozen
+class _Suspend:
+    member: Member
+    unsent: list[bytes]
+    max_bytes: int
+
+
+@attrs.define
+class _Resume:
     peer_id: str
+    token: str = attrs.field(repr=False)
+    connect: Callable[[str, str], Member]
+    request_id: m.RequestId
+    ice_servers: list[dict[str, Any]] | None
+    done: trio.Event = attrs.field(factory=trio.Event)
+    member: Member | None = None
 
 
 #: Not frozen: one per relayed message, and a frozen attrs class takes twice as long to build.
@@ -63,7 +88,7 @@ class _Relay:
     request_id: m.RequestId
 
 
-_Command = _Join | _Leave | _Relay
+_Command = _Join | _Leave | _Suspend | _Resume | _Relay
 
 
 class TooManyRooms(Exception):
@@ -106,6 +131,15 @@ class RoomInfo:
         return cls(room.id, room.name, room.max_participants, room.created_at, room.participant_count, members)
 
 
+class ResumeFailed(Exception):
+    """A resume token that does not (or no longer) fits a seat; ``str()`` says why."""
+
+
+#: Resume tokens remembered after they stop working, so a late resume hears why it failed.
+RETIRED_TOKENS = 10_000
+TOKEN_UNKNOWN = "unknown resume token: it was never issued, or its session ended long ago"
+
+
 class RoomTask:
     """A room, its channel, and the task that applies the channel's commands to it."""
 
@@ -122,9 +156,28 @@ class RoomTask:
         await command.done.wait()
         return command.joined
 
-    async def leave(self, peer_id: str) -> None:
+    async def leave(self, member: Member) -> None:
         with contextlib.suppress(trio.BrokenResourceError):  # room gone, so the member is too
-            await self._send.send(_Leave(peer_id))
+            await self._send.send(_Leave(member))
+
+    async def suspend(self, member: Member, unsent: list[bytes], max_bytes: int) -> None:
+        """``member``'s connection was lost; see :meth:`Room.suspend`."""
+        with contextlib.suppress(trio.BrokenResourceError):
+            await self._send.send(_Suspend(member, unsent, max_bytes))
+
+    async def resume(
+        self,
+        peer_id: str,
+        token: str,
+        connect: Callable[[str, str], Member],
+        request_id: m.RequestId,
+        ice_servers: list[dict[str, Any]] | None,
+    ) -> Member | None:
+        """Raises ``trio.BrokenResourceError`` if this room has just ended."""
+        command = _Resume(peer_id, token, connect, request_id, ice_servers)
+        await self._send.send(command)
+        await command.done.wait()
+        return command.member
 
     async def relay(self, sender_id: str, to: str, text: bytes, request_id: m.RequestId) -> None:
         """Queue a relay; waits only when the channel is full (a flooding reader).
@@ -147,56 +200,97 @@ class RoomTask:
         if isinstance(command, _Relay):
             room.relay(command.sender_id, command.to, command.text, command.request_id)
         elif isinstance(command, _Join):
-            command.joined = room.join(command.member, self._clock(), command.request_id, command.ice_servers)
+            peer_id = command.member.peer_id
+            token = new_resume_token(room.id, peer_id) if room.resume_grace > 0 else None
+            command.joined = room.join(
+                command.member, self._clock(), command.request_id, command.ice_servers, resume_token=token
+            )
             command.done.set()
             if command.joined:
                 log.info(
                     "room %s: %s joined as %r (%d present)",
                     room.id,
-                    command.member.peer_id,
+                    peer_id,
                     command.member.username,
                     room.participant_count,
                 )
-        elif command.peer_id in room.seats:
-            room.leave(command.peer_id)
-            log.info("room %s: %s left (%d present)", room.id, command.peer_id, room.participant_count)
+        elif isinstance(command, _Resume):
+            token = new_resume_token(room.id, command.peer_id)
+            command.member = room.resume(
+                command.peer_id, command.token, command.connect, token, command.request_id, command.ice_servers
+            )
+            command.done.set()
+            if command.member is not None:
+                log.info("room %s: %s resumed on a new connection", room.id, command.peer_id)
+        elif self._holds_seat(command.member):
+            peer_id = command.member.peer_id
+            if isinstance(command, _Suspend):
+                room.suspend(command.member, trio.current_time(), command.unsent, command.max_bytes)
+                if peer_id in room.suspended:
+                    log.info("room %s: %s lost its connection; seat kept for %g s", room.id, peer_id, room.resume_grace)
+                    return
+            else:
+                room.leave(command.member)
+            if peer_id not in room.seats:
+                log.info("room %s: %s left (%d present)", room.id, peer_id, room.participant_count)
+
+    def _holds_seat(self, member: Member) -> bool:
+        """Whether ``member``'s connection speaks for its seat (see :meth:`Room.leave`)."""
+        seat = self.room.seats.get(member.peer_id)
+        return seat is not None and seat.member is member and seat.kept is None
+
+    def _apply_queued(self) -> bool:
+        """Apply queued commands without waiting; True if it stopped at ``BATCH`` (more may wait)."""
+        for _ in range(BATCH):
+            try:
+                self._apply(self._receive.receive_nowait())
+            except trio.WouldBlock:
+                return False
+        return True
 
     def _occupied(self) -> bool:
         """Whether the room must stay, whatever its idle time."""
         return bool(self.room.seats)
 
-    def _ends(self, deadline: float) -> bool:
+    def _ends(self, now: float, idle_since: float | None) -> bool:
         """Whether an unoccupied room ends now (its channel is empty)."""
-        return not self.room.persistent or trio.current_time() >= deadline
+        return not self.room.persistent or (idle_since is not None and now >= idle_since + self._idle_ttl)
 
     def _end_reason(self) -> str:
         return "idle" if self.room.persistent else "empty"
 
     async def run(self, hub: RoomHub) -> None:
-        idle_since = trio.current_time()
+        room = self.room
+        #: When the room was last seen empty; None while it has members.
+        idle_since: float | None = trio.current_time()
         with self._receive:
             while True:
-                deadline = idle_since + self._idle_ttl if not self._occupied() else math.inf
+                if self._occupied():
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = trio.current_time()
+                deadline = math.inf if idle_since is None else idle_since + self._idle_ttl
+                if room.suspended:
+                    deadline = min(deadline, room.next_expiry)
                 # A cancel scope costs more than the rest of a wake-up: open one only to time out.
-                with trio.move_on_at(deadline) if deadline != math.inf else contextlib.nullcontext():
-                    command = await self._receive.receive()
-                    self._apply(command)
-                    for _ in range(BATCH):
-                        try:
-                            self._apply(self._receive.receive_nowait())
-                        except trio.WouldBlock:
-                            break
-                    else:
-                        continue  # more queued: apply it after a checkpoint, not now
-                # Reached with the channel empty (drained or timed out) and no await since.
+                if deadline == math.inf:
+                    self._apply(await self._receive.receive())
+                else:
+                    with trio.move_on_at(deadline):
+                        self._apply(await self._receive.receive())
+                if self._apply_queued():
+                    continue  # more queued: apply it after a checkpoint, not now
+                # Reached with the channel empty and no await since it was seen empty.
+                now = trio.current_time()
+                if room.suspended and room.next_expiry <= now:
+                    for peer_id in room.expire(now):
+                        log.info("room %s: %s left, not back within %g s", room.id, peer_id, room.resume_grace)
                 if self._occupied():
                     continue
-                if self._ends(deadline):
+                if self._ends(now, idle_since):
                     hub._forget(self)
-                    log.info("room %s: removed (%s)", self.room.id, self._end_reason())
+                    log.info("room %s: removed (%s)", room.id, self._end_reason())
                     return
-                if deadline == math.inf:
-                    idle_since = trio.current_time()
 
 
 class RoomStore(Protocol):
@@ -218,6 +312,7 @@ class RoomHub:
         clock: Callable[[], datetime] = utc_now,
         store: RoomStore | None = None,
         ice: IceServers | None = None,
+        retired_tokens: int = RETIRED_TOKENS,
     ) -> None:
         self.config = config
         #: The ICE servers members get (with TURN credentials of their own when configured).
@@ -226,6 +321,9 @@ class RoomHub:
         self._clock = clock
         self._store = store
         self._rooms: dict[str, RoomTask] = {}
+        #: Resume tokens that stopped working, oldest first, and why; at most ``retired_tokens``.
+        self._retired: dict[str, str] = {}
+        self._retired_cap = retired_tokens
 
     def __len__(self) -> int:
         return len(self._rooms)
@@ -293,7 +391,16 @@ class RoomHub:
         created_at: datetime | None = None,
     ) -> RoomTask:
         persistent = how != "join"  # a join-created room vanishes with its last member
-        room = Room(room_id, name, max_participants, created_at or self._clock(), persistent)
+        room = Room(
+            room_id,
+            name,
+            max_participants,
+            created_at or self._clock(),
+            persistent,
+            resume_grace=self.config.resume_grace,
+            resume_buffer=self.config.resume_buffer,
+            token_retired=self._retire,
+        )
         task = RoomTask(room, self.config.idle_ttl, self._clock)
         self._rooms[room_id] = task
         self._nursery.start_soon(task.run, self, name=f"room {room_id}")
@@ -330,3 +437,33 @@ class RoomHub:
             except trio.BrokenResourceError:
                 continue  # that room just ended; look again (a new one may be created)
             return task if joined else None
+
+    async def resume(
+        self, token: str, connect: Callable[[str, str], Member], request_id: m.RequestId = None
+    ) -> tuple[RoomTask, Member]:
+        """Give the seat ``token`` names to the member ``connect(peer_id, username)`` makes.
+
+        The room tells the new member (``resumed`` and what it missed). The token itself names
+        the room, so this lookup needs no table of live tokens; a cluster backend resolves the
+        room as it does for a join. Raises :class:`ResumeFailed` saying why the token does not fit.
+        """
+        if self.config.resume_grace <= 0:
+            raise ResumeFailed("resume is turned off on this server (rooms.resume_grace is 0)")
+        seat = resume_token_seat(token)
+        task = self._rooms.get(seat[0]) if seat is not None else None
+        if seat is None or task is None:
+            raise ResumeFailed(self._retired.get(token, TOKEN_UNKNOWN))
+        # Minted here, as for a join: a resumed member gets fresh TURN credentials of its own.
+        ice_servers = self.ice.for_member(seat[1]) if self.ice.mints else None
+        try:
+            member = await task.resume(seat[1], token, connect, request_id, ice_servers)
+        except trio.BrokenResourceError:
+            member = None  # the room ended meanwhile, and its members with it
+        if member is None:
+            raise ResumeFailed(self._retired.get(token, TOKEN_UNKNOWN))
+        return task, member
+
+    def _retire(self, token: str, why: str) -> None:
+        self._retired[token] = why
+        if len(self._retired) > self._retired_cap:
+            del self._retired[next(iter(self._retired))]

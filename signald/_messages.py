@@ -28,6 +28,8 @@ PEER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_REQUEST_ID = 128
 #: A join token (a JWT) longer than this is not one an application server minted.
 MAX_TOKEN = 4096
+#: A resume token longer than this is not one signald issued (they are about 120 characters).
+MAX_RESUME_TOKEN = 256
 
 #: Error codes, as sent in ``error`` messages.
 INVALID_JSON = "invalid-json"
@@ -41,6 +43,7 @@ PEER_NOT_FOUND = "peer-not-found"
 RATE_LIMITED = "rate-limited"
 UNAUTHORIZED = "unauthorized"
 TOO_MANY_ROOMS = "too-many-rooms"
+RESUME_FAILED = "resume-failed"
 #: Cluster mode only: Redis is unreachable, so joins and relays to members on other nodes fail.
 CLUSTER_UNAVAILABLE = "cluster-unavailable"
 
@@ -93,6 +96,15 @@ class Relay:
 
 
 @attrs.frozen
+class Resume:
+    """Take a suspended session back on this connection (``joined-room.resumeToken``)."""
+
+    #: A secret: never logged.
+    token: str = attrs.field(repr=False)
+    request_id: RequestId = None
+
+
+@attrs.frozen
 class Ping:
     request_id: RequestId = None
 
@@ -111,7 +123,7 @@ class ProtocolError:
     request_id: RequestId = None
 
 
-ClientMessage = JoinRoom | LeaveRoom | Relay | Ping | GetIceServers
+ClientMessage = JoinRoom | LeaveRoom | Relay | Resume | Ping | GetIceServers
 
 _RELAY_FIELDS = {"webrtc-offer": "sdp", "webrtc-answer": "sdp", "ice-candidate": "candidate"}
 
@@ -212,6 +224,11 @@ def _parse_object(obj: dict[str, Any], bounds: Bounds) -> ClientMessage | Protoc
         return JoinRoom(room_id, username, request_id, _token(obj))
     if kind == "leave-room":
         return LeaveRoom(request_id)
+    if kind == "resume":
+        token = _string(obj, "token", max_len=MAX_RESUME_TOKEN)
+        if not token:
+            raise _Invalid("'token' must not be empty")
+        return Resume(token, request_id)
     if kind == "ping":
         return Ping(request_id)
     if kind == "get-ice-servers":
@@ -283,6 +300,11 @@ def encode_error(code: str, message: str, request_id: RequestId = None) -> bytes
     return _dump(_with_request_id({"type": "error", "code": code, "message": message}, request_id))
 
 
+def _seconds(value: float) -> float | int:
+    """``30`` rather than ``30.0``: whole seconds read as what the operator configured."""
+    return int(value) if value == int(value) else value
+
+
 def encode_joined_room(
     room_id: str,
     peer_id: str,
@@ -290,14 +312,49 @@ def encode_joined_room(
     participants: list[tuple[str, str]],
     request_id: RequestId = None,
     ice_servers: list[dict[str, Any]] | None = None,
+    resume_token: str | None = None,
+    resume_grace: float = 0,
 ) -> bytes:
-    """``ice_servers`` (the member's own, with TURN credentials) is included when given."""
+    """``ice_servers`` (the member's own, with TURN credentials) is included when given;
+    ``resumeToken`` only when resume is on (``resume_grace`` > 0); ``resumeGrace`` always."""
     body: dict[str, Any] = {
         "type": "joined-room",
         "roomId": room_id,
         "peerId": peer_id,
         "username": username,
         "participants": [{"peerId": p, "username": u} for p, u in participants],
+    }
+    if ice_servers is not None:
+        body["iceServers"] = ice_servers
+    if resume_token is not None:
+        body["resumeToken"] = resume_token
+    body["resumeGrace"] = _seconds(resume_grace)
+    return _dump(_with_request_id(body, request_id))
+
+
+def encode_resumed(
+    room_id: str,
+    peer_id: str,
+    username: str,
+    participants: list[tuple[str, str]],
+    missed: int,
+    resume_token: str,
+    resume_grace: float,
+    request_id: RequestId = None,
+    ice_servers: list[dict[str, Any]] | None = None,
+) -> bytes:
+    """The reply to ``resume``; the ``missed`` frames it announces follow it, in order.
+
+    ``ice_servers`` as in ``joined-room``: fresh TURN credentials for the resumed member."""
+    body: dict[str, Any] = {
+        "type": "resumed",
+        "roomId": room_id,
+        "peerId": peer_id,
+        "username": username,
+        "participants": [{"peerId": p, "username": u} for p, u in participants],
+        "missed": missed,
+        "resumeToken": resume_token,
+        "resumeGrace": _seconds(resume_grace),
     }
     if ice_servers is not None:
         body["iceServers"] = ice_servers

@@ -99,6 +99,18 @@ class Outbox:
             self._items.append(last)
         self._wakeup.set()
 
+    def take_text(self) -> list[bytes]:
+        """Take back the text frames queued and not yet taken by the writer; control frames stay.
+
+        For a member whose connection is lost: the room keeps these for it, and a resumed
+        connection gets them instead of this one.
+        """
+        text = [item for item in self._items if type(item) is bytes]
+        if text:
+            self._items = [item for item in self._items if type(item) is not bytes]
+            self._unsent -= sum(len(item) for item in text)
+        return text
+
     async def take(self) -> list[Item]:
         """Every queued item, in order, waiting for one if needed; ``[]`` once finished and empty.
 

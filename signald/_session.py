@@ -10,8 +10,12 @@ Events in, as method calls:
 * ``timer(now)``: the shell's wake-up at ``deadline`` (a ping due, a pong overdue, the idle
   timeout, the close-handshake bound);
 * ``joined(room, now)`` / ``join_refused(now)``: the outcome of a :class:`Join` the shell carried out;
+* ``resumed(room, member, now)`` / ``resume_failed(why, request_id, now)``: the outcome of a
+  :class:`Resume`;
+* ``superseded(now)``: another connection resumed this session (the room calls it, through the
+  member, while handing the seat over);
 * ``close(code, reason, now)``: the server decided (shutdown, a send queue overflow);
-* ``peer_closed(now)``: the client's close frame (the codec has queued the echo);
+* ``peer_closed(code, now)``: the client's close frame (the codec has queued the echo);
 * ``failed(code, reason, now)``: the codec failed the connection (1002, 1007, 1009) and has
   queued its close frame;
 * ``socket_closed(now)``: EOF, a reset, or a write error.
@@ -20,17 +24,23 @@ Out:
 
 * frames, pushed to the :class:`Outbox` in the order they were decided: text replies, and
   :class:`~signald._outbox.Ping` / :class:`~signald._outbox.Close` control frames;
-* room commands, appended to ``commands`` (:class:`Join`, :class:`Leave`, :class:`Relay`), which
-  the shell carries out in order after each event, before it feeds the next one;
+* room commands, appended to ``commands`` (:class:`Join`, :class:`Resume`, :class:`Leave`,
+  :class:`Suspend`, :class:`Relay`), which the shell carries out in order after each event,
+  before it feeds the next one;
 * ``deadline``: when the shell must call ``timer`` next; ``done``: the shell may close the socket.
 
-Rule 2: a member that is gone leaves at once. Whatever ends the connection (ping timeout,
-eviction, rate close, a protocol failure, a reset, shutdown), the :class:`Leave` is issued in the
-same step, so the room sends ``user-left`` then, not after the close handshake has run its course.
+Rule 2: the room hears at once how a connection ended, in the same step the session decides
+it, not after the close handshake has run its course. Ended on purpose (``leave-room``, the
+client's close with 1000, 1001 or no code, or the server's close for shutdown, eviction, rate, a
+protocol failure), the member leaves: :class:`Leave`, and the room sends ``user-left`` then.
+Lost (EOF or a reset without a close frame, a ping timeout, the client's close with any other
+code), the member is suspended: :class:`Suspend` carries the text frames still queued, never
+written, and the room keeps them and the seat for ``rooms.resume_grace``, for a ``resume``.
 
 Rule 3: a join happens for both sides or for neither. The shell waits for the room's answer to a
-:class:`Join` (shielded: the room task never waits on a socket, so it always answers) and reports
-it with ``joined``; a session that closed in the meantime answers that with a :class:`Leave`.
+:class:`Join` or a :class:`Resume` (shielded: the room task never waits on a socket, so it
+always answers) and reports it; a session that closed in the meantime ends the seat it was given
+as its connection ended (Rule 2).
 
 The session charges every data message to its :class:`MessageRate` before looking at it, so a
 flood is refused at the cost of a clock comparison, without parsing a single dropped frame. The
@@ -50,19 +60,28 @@ import attrs
 from . import _messages as m
 from ._auth import JoinTokens
 from ._config import LimitsConfig
-from ._ids import new_peer_id
+from ._ids import new_peer_id, resume_token_seat
 from ._limits import MessageRate, Verdict
 from ._outbox import Close, Outbox, Ping
+from ._room import Member
 from ._turn import IceServers
 from ._websocket import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY
 
 log = logging.getLogger("signald.session")
 
 
+#: Close codes a client sends when it means to go: its member leaves at once (Rule 2). 1005 is
+#: a close frame without a code (``ws.close()`` in a browser).
+CLIENT_GOODBYES = (1000, 1001, 1005)
+CLOSE_RESUMED_ELSEWHERE = 4001
+
+
 class RoomHandle(Protocol):
     """Where a joined member's later commands go (a room task today)."""
 
-    async def leave(self, peer_id: str) -> None: ...
+    async def leave(self, member: Member) -> None: ...
+
+    async def suspend(self, member: Member, unsent: list[bytes], max_bytes: int) -> None: ...
 
     async def relay(self, sender_id: str, to: str, text: bytes, request_id: m.RequestId) -> None: ...
 
@@ -74,9 +93,14 @@ class LocalMember:
     peer_id: str
     username: str
     outbox: Outbox = attrs.field(repr=False)
+    #: The shell's way to tell the session it was superseded (see ``Session.superseded``).
+    on_superseded: Callable[[], list[bytes]] = attrs.field(repr=False, eq=False)
 
     def deliver(self, frame: bytes) -> bool:
         return self.outbox.push(frame)
+
+    def superseded(self) -> list[bytes]:
+        return self.on_superseded()
 
 
 @attrs.frozen
@@ -87,9 +111,25 @@ class Join:
 
 
 @attrs.frozen
+class Resume:
+    #: A secret: never logged.
+    token: str = attrs.field(repr=False)
+    request_id: m.RequestId
+
+
+@attrs.frozen
 class Leave:
     room: RoomHandle
-    peer_id: str
+    member: LocalMember
+
+
+@attrs.frozen
+class Suspend:
+    room: RoomHandle
+    member: LocalMember
+    #: Text frames queued for the lost connection and never written: the room keeps them.
+    unsent: list[bytes]
+    max_bytes: int
 
 
 #: Not frozen, unlike the other commands: one is made per relayed message, and a frozen attrs
@@ -103,7 +143,7 @@ class Relay:
     request_id: m.RequestId
 
 
-Command = Join | Leave | Relay
+Command = Join | Resume | Leave | Suspend | Relay
 
 
 class State(enum.Enum):
@@ -124,6 +164,7 @@ class Session:
         tokens: JoinTokens | None = None,
         new_id: Callable[[], str] = new_peer_id,
         ice: IceServers | None = None,
+        on_superseded: Callable[[], list[bytes]] = list,
     ) -> None:
         self._limits = limits
         self._ice = ice or IceServers()
@@ -131,6 +172,7 @@ class Session:
         self.remote = remote
         self._tokens = tokens
         self._new_id = new_id
+        self._on_superseded = on_superseded
         self._rate = MessageRate(limits.message_rate, limits.message_burst, limits.rate_limit_close_after, now)
         self._bounds = m.Bounds(
             username=limits.max_username_length,
@@ -147,6 +189,9 @@ class Session:
         self._room: RoomHandle | None = None
         self._room_id = ""
         self._joining: LocalMember | None = None
+        self._resuming = False
+        #: Decided with the close: whether the member keeps its seat (Rule 2).
+        self._keep_seat = False
         self._pings_sent = 0
         self._ping_at = now + limits.ping_interval
         self._pong_by = math.inf
@@ -216,8 +261,16 @@ class Session:
                 if self._room is None:
                     self._reply_error(m.NOT_IN_ROOM, "not in a room", message.request_id)
                 else:
-                    self._leave()
+                    self._end(keep_seat=False)
                     self._idle_at = now + self._limits.idle_timeout
+            case m.Resume():
+                if self._busy(message.request_id):
+                    return
+                seat = resume_token_seat(message.token)
+                self._room_id = seat[0] if seat is not None else ""
+                self._resuming = True
+                self._idle_at = math.inf
+                self.commands.append(Resume(message.token, message.request_id))
             case m.Ping():
                 self.outbox.push(m.encode_pong(message.request_id))
             case m.GetIceServers():
@@ -229,11 +282,15 @@ class Session:
             case m.ProtocolError():
                 self._reply_error(message.code, message.message, message.request_id)
 
+    def _busy(self, request_id: m.RequestId) -> bool:
+        """In a room, or about to be: answer ``already-in-room``."""
+        if self._room is None and self._joining is None and not self._resuming:
+            return False
+        self._reply_error(m.ALREADY_IN_ROOM, f"already in room {self._room_id}; send leave-room first", request_id)
+        return True
+
     def _join(self, message: m.JoinRoom) -> None:
-        if self._room is not None or self._joining is not None:
-            self._reply_error(
-                m.ALREADY_IN_ROOM, f"already in room {self._room_id}; send leave-room first", message.request_id
-            )
+        if self._busy(message.request_id):
             return
         if self._tokens is not None:
             problem = self._tokens.problem(message.token, message.room_id, message.username)
@@ -241,7 +298,7 @@ class Session:
                 log.info("%s: join of room %s refused: %s", self.remote, message.room_id, problem)
                 self._reply_error(m.UNAUTHORIZED, problem, message.request_id)
                 return
-        self._joining = LocalMember(self._new_id(), message.username, self.outbox)
+        self._joining = self.member_for(self._new_id(), message.username)
         self._room_id = message.room_id
         self._idle_at = math.inf
         self.commands.append(Join(message.room_id, self._joining, message.request_id))
@@ -249,9 +306,18 @@ class Session:
     def _reply_error(self, code: str, text: str, request_id: m.RequestId = None) -> None:
         self.outbox.push(m.encode_error(code, text, request_id))
 
-    def _leave(self) -> None:
+    def member_for(self, peer_id: str, username: str) -> LocalMember:
+        """The member this connection is, in a join or in a resume (the room picks its id then)."""
+        return LocalMember(peer_id, username, self.outbox, self._on_superseded)
+
+    def _end(self, *, keep_seat: bool) -> None:
+        """The member leaves, or is suspended with what it was never sent (Rule 2)."""
         if self._room is not None and self._member is not None:
-            self.commands.append(Leave(self._room, self._member.peer_id))
+            if keep_seat:
+                unsent = self.outbox.take_text()
+                self.commands.append(Suspend(self._room, self._member, unsent, self._limits.send_queue_bytes))
+            else:
+                self.commands.append(Leave(self._room, self._member))
         self._room = self._member = None
 
     # -- outcomes of commands
@@ -260,10 +326,37 @@ class Session:
         """The room seated the member of the last :class:`Join` (and told it ``joined-room``)."""
         member, self._joining = self._joining, None
         assert member is not None, "joined() without a Join"
+        self._seated(room, member)
+
+    def _seated(self, room: RoomHandle, member: LocalMember) -> None:
+        self._member, self._room = member, room
+        if self.state is not State.OPEN:  # closed while the room was seating it: no ghost stays
+            self._end(keep_seat=self._keep_seat)
+
+    def resumed(self, room: RoomHandle, member: LocalMember, now: float) -> None:
+        """The room gave this connection the seat of the last :class:`Resume` (and told it ``resumed``)."""
+        assert self._resuming, "resumed() without a Resume"
+        self._resuming = False
+        self._seated(room, member)
+
+    def resume_failed(self, why: str, request_id: m.RequestId, now: float) -> None:
+        """The last :class:`Resume` fitted no seat; the client hears why and may join afresh."""
+        self._resuming = False
+        log.info("%s: resume refused: %s", self.remote, why)
         if self.state is State.OPEN:
-            self._member, self._room = member, room
-        else:  # closed while the room was seating it: it must not stay behind as a ghost
-            self.commands.append(Leave(room, member.peer_id))
+            self._reply_error(m.RESUME_FAILED, why, request_id)
+            self._idle_at = now + self._limits.idle_timeout
+
+    def superseded(self, now: float) -> list[bytes]:
+        """Another connection resumed this session: close this one with 4001; the seat is not ours.
+
+        Returns the text frames queued here and never written; the new connection gets them.
+        """
+        log.info("%s: session resumed on another connection; closing this one", self.remote)
+        self._room = self._member = None
+        unsent = self.outbox.take_text()
+        self.close(CLOSE_RESUMED_ELSEWHERE, "resumed elsewhere", now)
+        return unsent
 
     def join_refused(self, now: float) -> None:
         """The room refused the last :class:`Join` (and told the member why)."""
@@ -291,7 +384,7 @@ class Session:
             return
         if now >= self._pong_by:
             log.info("%s: no pong within %.1f s, dropping", self.remote, self._limits.ping_timeout)
-            self.close(CLOSE_GOING_AWAY, "ping timeout", now)
+            self.close(CLOSE_GOING_AWAY, "ping timeout", now, keep_seat=True)
         elif now >= self._idle_at:
             timeout = self._limits.idle_timeout
             log.info("%s: closed, not in a room for %g s", self.remote, timeout)
@@ -304,11 +397,12 @@ class Session:
 
     # -- the end
 
-    def close(self, code: int, reason: str, now: float) -> None:
-        """Close with ``code``: the member leaves now, the close frame goes after what is being written."""
+    def close(self, code: int, reason: str, now: float, *, keep_seat: bool = False) -> None:
+        """Close with ``code``: the member leaves (or is suspended) now, the close frame goes
+        after what is being written."""
         if self.state is not State.OPEN:
             return
-        self._closing(code, reason, now)
+        self._closing(code, reason, now, keep_seat=keep_seat)
         self.outbox.finish(Close(code, reason))
 
     def overflowed(self, now: float) -> None:
@@ -320,20 +414,27 @@ class Session:
         """The codec failed the connection and queued its close frame; wait for EOF, bounded."""
         if self.state is State.OPEN:
             log.info("%s: closed with %d: %s", self.remote, code, reason)
-            self._closing(code, reason, now)
+            self._closing(code, reason, now, keep_seat=False)
 
-    def peer_closed(self, now: float) -> None:
-        """The client's close frame: it answers ours, or the codec has queued the echo."""
+    def peer_closed(self, code: int, now: float) -> None:
+        """The client's close frame: it answers ours, or the codec has queued the echo.
+
+        With 1000, 1001 or no code the client means to go; with any other, it may come back.
+        """
         if self.state is State.OPEN:
-            self._closing(None, "", now)
+            self._closing(None, "", now, keep_seat=code not in CLIENT_GOODBYES)
         self.state = State.DONE
 
     def socket_closed(self, now: float) -> None:
-        self._leave()
+        """EOF, a reset or a write error. Unless a close was decided already, the connection was lost."""
+        if self.state is State.OPEN:
+            self._keep_seat = True
+        self._end(keep_seat=self._keep_seat)
         self.state = State.DONE
 
-    def _closing(self, code: int | None, reason: str, now: float) -> None:
+    def _closing(self, code: int | None, reason: str, now: float, *, keep_seat: bool) -> None:
         self.state = State.CLOSING
         self.close_code, self.close_reason = code, reason
         self._close_by = now + self._limits.close_timeout
-        self._leave()
+        self._keep_seat = keep_seat
+        self._end(keep_seat=keep_seat)

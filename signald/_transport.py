@@ -27,9 +27,9 @@ import trio
 
 from ._auth import JoinTokens
 from ._config import LimitsConfig
-from ._hub import RoomHub
+from ._hub import ResumeFailed, RoomHub
 from ._outbox import Close, Item, Outbox, Ping, Raw
-from ._session import Join, Leave, Session, State
+from ._session import Join, Leave, LocalMember, Resume, Session, State, Suspend
 from ._websocket import Binary, Closed, Codec, Pong, text_frame
 
 log = logging.getLogger("signald.session")
@@ -85,7 +85,9 @@ class WebSocket:
         self._limits = limits
         self._codec = Codec(limits.max_message_bytes)
         self.outbox = Outbox(limits.send_queue_bytes, self._overflowed)
-        self.session = Session(limits, self.outbox, trio.current_time(), remote, tokens, ice=hub.ice)
+        self.session = Session(
+            limits, self.outbox, trio.current_time(), remote, tokens, ice=hub.ice, on_superseded=self._superseded
+        )
         self.remote = remote
         #: The reader's current cancel scope: cancelled to make it look at the session now.
         self._scope: trio.CancelScope | None = None
@@ -99,6 +101,12 @@ class WebSocket:
     def _overflowed(self) -> None:
         self.session.overflowed(trio.current_time())
         self._wake()
+
+    def _superseded(self) -> list[bytes]:
+        """Called by the room task that handed this session's seat to a resuming connection."""
+        unsent = self.session.superseded(trio.current_time())
+        self._wake()
+        return unsent
 
     def _wake(self) -> None:
         if self._scope is not None:
@@ -162,7 +170,7 @@ class WebSocket:
                 session.text(event, now)
             elif isinstance(event, Closed):
                 if event.by_peer:
-                    session.peer_closed(now)
+                    session.peer_closed(event.code, now)
                 else:
                     session.failed(event.code, event.reason, now)
             elif isinstance(event, Pong):
@@ -189,9 +197,22 @@ class WebSocket:
                         session.join_refused(trio.current_time())
                     else:
                         session.joined(room, trio.current_time())
+                elif isinstance(command, Resume):
+                    # Shielded like a join: a room that has handed the seat over must find its session.
+                    with trio.CancelScope(shield=True):
+                        try:
+                            room, member = await self._hub.resume(command.token, session.member_for, command.request_id)
+                        except ResumeFailed as failed:
+                            session.resume_failed(str(failed), command.request_id, trio.current_time())
+                        else:
+                            assert isinstance(member, LocalMember)
+                            session.resumed(room, member, trio.current_time())
                 elif isinstance(command, Leave):
                     with trio.CancelScope(shield=True):
-                        await command.room.leave(command.peer_id)
+                        await command.room.leave(command.member)
+                elif isinstance(command, Suspend):
+                    with trio.CancelScope(shield=True):
+                        await command.room.suspend(command.member, command.unsent, command.max_bytes)
                 else:
                     await command.room.relay(command.sender_id, command.to, command.text, command.request_id)
 

@@ -7,9 +7,13 @@ connect over, the machine's other addresses). Chromium needs ``--allow-loopback-
 to gather loopback candidates at all. Playwright talks to Chromium over a pipe, not a socket.
 
 This process starts signald (trio, in the main thread) and drives the browser with
-Playwright's sync API in a worker thread. It measures and does not judge: it prints one JSON
-report on stdout and saves a screenshot in OUTDIR; test_browser.py asserts on them. Every
-wait is a Playwright wait with a timeout, so a broken call fails within seconds.
+Playwright's sync API in a worker thread. Alice's tab reaches signald through a small TCP proxy
+(:class:`CuttableProxy`), so that mid-call the test can cut her WebSocket the way a network blip
+does: both TCP connections reset, no close frame, and the demo must resume by itself.
+
+It measures and does not judge: it prints one JSON report on stdout and saves a screenshot in
+OUTDIR; test_browser.py asserts on them. Every wait is a Playwright wait with a timeout, so a
+broken call fails within seconds.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import socket
 import struct
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +64,47 @@ VIDEO_STATE = f"""() => {{
 }}"""
 
 
+class CuttableProxy:
+    """Forwards every TCP connection to 127.0.0.1:``port``; ``cut()`` resets all open ones."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._open: set[tuple[trio.SocketStream, trio.SocketStream]] = set()
+        self.connections = 0
+
+    async def handle(self, client: trio.SocketStream) -> None:
+        self.connections += 1
+        server = await trio.open_tcp_stream("127.0.0.1", self._port)
+        pair = (client, server)
+        self._open.add(pair)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, client, server, nursery.cancel_scope)
+                nursery.start_soon(self._pump, server, client, nursery.cancel_scope)
+        finally:
+            self._open.discard(pair)
+            for stream in pair:
+                with trio.move_on_after(0):
+                    await stream.aclose()
+
+    @staticmethod
+    async def _pump(source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope) -> None:
+        try:
+            while data := await source.receive_some(65536):
+                await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        done.cancel()
+
+    def cut(self) -> int:
+        """Reset both sides of every open connection (SO_LINGER 0: an RST, not a FIN or a close frame)."""
+        for pair in self._open:
+            for stream in pair:
+                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                stream.socket.close()
+        return len(self._open)
+
+
 def bring_up_loopback() -> list[str]:
     """A new network namespace starts with ``lo`` down; return the interfaces there are."""
     siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
@@ -92,7 +138,36 @@ def video_report(page: Page) -> dict[str, Any]:
     }
 
 
-def drive(base_url: str, outdir: Path) -> dict[str, Any]:
+def blip(alice: Page, bob: Page, proxy: CuttableProxy) -> dict[str, Any]:
+    """Cut alice's WebSocket mid-call; report what each tab shows and whether the video plays on."""
+    tiles = {page: page.query_selector("#grid .tile[data-peer-id]") for page in (alice, bob)}
+    seen_as = {page: tiles[page].get_attribute("data-peer-id") for page in (alice, bob)}  # type: ignore[union-attr]
+    before = {page: page.evaluate(VIDEO_STATE) for page in (alice, bob)}
+    connections = proxy.connections
+    cut = trio.from_thread.run_sync(proxy.cut)
+    alice.wait_for_function(
+        "() => document.getElementById('status').textContent === 'Reconnected.'", polling=POLL_MS, timeout=WAIT_MS
+    )
+    report: dict[str, Any] = {
+        "cut": cut,
+        "reconnections": trio.from_thread.run_sync(lambda: proxy.connections) - connections,
+    }
+    for name, page in (("alice", alice), ("bob", bob)):
+        page.wait_for_function(PLAYED_PAST, arg=before[page]["time"] + 1.0, polling=POLL_MS, timeout=WAIT_MS)
+        tile = tiles[page]
+        assert tile is not None
+        report[name] = {
+            "before": before[page],
+            "after": page.evaluate(VIDEO_STATE),
+            "same_tile": tile.evaluate("t => t.isConnected"),  # never removed: no user-left, no hang-up
+            "same_peer": tile.get_attribute("data-peer-id") == seen_as[page],
+            "state_text": tile.query_selector(".state").text_content(),  # type: ignore[union-attr]
+            "status": page.text_content("#status"),
+        }
+    return report
+
+
+def drive(base_url: str, proxied_url: str, proxy: CuttableProxy, outdir: Path) -> dict[str, Any]:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch_persistent_context(
             str(outdir / "chromium-profile"),
@@ -107,7 +182,7 @@ def drive(base_url: str, outdir: Path) -> dict[str, Any]:
             for page in (alice, bob, carol):
                 page.on("console", lambda message: message.type == "error" and errors.append(message.text))
                 page.on("pageerror", lambda error: errors.append(str(error)))
-            join(alice, base_url, "alice")
+            join(alice, proxied_url, "alice")
             alice.wait_for_selector("#call:not([hidden])", timeout=WAIT_MS)
             join(bob, base_url, "bob")
             connected = ".tile[data-ice-state=connected], .tile[data-ice-state=completed]"
@@ -116,6 +191,9 @@ def drive(base_url: str, outdir: Path) -> dict[str, Any]:
             report: dict[str, Any] = {"alice": video_report(alice), "bob": video_report(bob)}
             alice.bring_to_front()
             alice.screenshot(path=outdir / "call.png")
+
+            # A network blip on alice's side: the call goes on, and bob never sees her leave.
+            report["blip"] = blip(alice, bob, proxy)
 
             # The room holds two (rooms.max_participants): a third person is told so, in words.
             join(carol, base_url, "carol")
@@ -151,8 +229,13 @@ async def main(outdir: Path) -> None:
     server = Server(config)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
-        report = await trio.to_thread.run_sync(drive, f"http://127.0.0.1:{server.port}/", outdir)
+        assert server.port
+        proxy = CuttableProxy(server.port)
+        listeners = await nursery.start(partial(trio.serve_tcp, proxy.handle, 0, host="127.0.0.1"))
+        proxied_url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/"
+        report = await trio.to_thread.run_sync(drive, f"http://127.0.0.1:{server.port}/", proxied_url, proxy, outdir)
         server.shutdown()
+        nursery.cancel_scope.cancel()  # the proxy's listener
     print(json.dumps({"interfaces": interfaces, **report}))
 
 

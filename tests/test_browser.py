@@ -56,6 +56,18 @@ async def test_two_tabs_call_each_other_through_the_demo_page(tmp_path: Path) ->
         assert later["time"] >= first["time"] + 0.5, (me, first, later)  # the remote video plays
         assert later["frames"] > first["frames"], (me, first, later)
 
+    # Alice's WebSocket was cut mid-call: her tab resumed by itself, nobody hung up, video plays on.
+    blip = report["blip"]
+    assert blip["cut"] >= 1 and blip["reconnections"] >= 1, blip
+    for me in ("alice", "bob"):
+        page = blip[me]
+        assert page["same_tile"] and page["same_peer"], (me, page)
+        assert page["state_text"] == "connected", (me, page)
+        assert page["after"]["time"] >= page["before"]["time"] + 1.0, (me, page)
+        assert page["after"]["frames"] > page["before"]["frames"], (me, page)
+    assert blip["alice"]["status"] == "Reconnected."
+    assert blip["bob"]["status"] == ""  # bob was told nothing
+
     # Errors from the server reach the person in plain words; leaving updates the others.
     assert report["carol_status"] == 'The room "browser-test" is full. Try another room name.'
     assert report["carol_lobby_visible"]

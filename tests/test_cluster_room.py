@@ -111,6 +111,7 @@ async def test_join_is_seated_when_its_event_returns_and_lists_members_of_other_
                 "peerId": "a",
                 "username": "A",
                 "participants": [{"peerId": "b", "username": "B"}],
+                "resumeGrace": 0,  # no resume across nodes yet: the client knows not to try
                 "requestId": "rq",
             }
         ]
@@ -222,7 +223,7 @@ async def test_room_task_ends_with_its_last_member_here_and_leaves_go_through_re
         a = FakeMember("a", "A")
         [task] = await joined(hub, a, join_event("a", HERE, others=[("b", THERE)]), nursery)
         assert task is not None
-        await task.leave("a")
+        await task.leave(a)
         assert link.calls[-1][:3] == ("leave", "r", "a")
         await settle()
         assert len(hub) == 1  # still seated: the leave takes effect when Redis publishes it
@@ -241,7 +242,7 @@ async def test_a_leave_while_redis_is_away_is_applied_here_now_and_there_later()
         await joined(hub, d, join_event("d", HERE), nursery)
         assert task is not None
         link.available = False
-        await task.leave("d")
+        await task.leave(d)
         await settle()
         assert a.frames[-1] == {"type": "user-left", "roomId": "r", "peerId": "d", "username": "D"}
         assert link.left_soon == [("r", "d")]

@@ -250,6 +250,42 @@ def test_encoded_shapes() -> None:
         "peerId": "p",
         "username": "u",
         "participants": [{"peerId": "a", "username": "A"}],
+        "resumeGrace": 0,
         "requestId": 1,
     }
+    joined = json.loads(m.encode_joined_room("r", "p", "u", [], None, None, "r.p.secret", 30.0))
+    assert (joined["resumeToken"], joined["resumeGrace"]) == ("r.p.secret", 30)
+    assert json.loads(m.encode_joined_room("r", "p", "u", [], None, None, "r.p.secret", 2.5))["resumeGrace"] == 2.5
+    assert json.loads(m.encode_resumed("r", "p", "u", [("a", "A")], 3, "r.p.new", 30.0, "q")) == {
+        "type": "resumed",
+        "roomId": "r",
+        "peerId": "p",
+        "username": "u",
+        "participants": [{"peerId": "a", "username": "A"}],
+        "missed": 3,
+        "resumeToken": "r.p.new",
+        "resumeGrace": 30,
+        "requestId": "q",
+    }
     assert json.loads(m.encode_pong()) == {"type": "pong"}
+
+
+def test_resume() -> None:
+    message = parse({"type": "resume", "token": "r.p.secret", "requestId": 4})
+    assert message == m.Resume("r.p.secret", 4)
+    assert "secret" not in repr(message)  # tokens never reach a log line
+
+
+@pytest.mark.parametrize(
+    ("token", "words"),
+    [
+        (None, "'token' must be a string"),
+        (5, "must be a string"),
+        ("", "must not be empty"),
+        ("x" * 257, "at most 256"),
+    ],
+)
+def test_resume_needs_a_token(token: Any, words: str) -> None:
+    result = parse({"type": "resume", "token": token, "requestId": "k"})
+    assert isinstance(result, m.ProtocolError) and result.code == m.INVALID_MESSAGE
+    assert words in result.message and result.request_id == "k"

@@ -84,3 +84,16 @@ async def test_finish_wakes_a_waiting_taker() -> None:
             await trio.testing.wait_all_tasks_blocked()
             box.finish()
     assert got == [[]]
+
+
+async def test_take_text_hands_back_what_the_writer_never_took() -> None:
+    box = Outbox(100, lambda: None)
+    box.push(b"a")
+    assert await box.take() == [b"a"]
+    box.push(b"bc")
+    box.control(Ping(b"1"))
+    box.push(b"d")
+    assert box.take_text() == [b"bc", b"d"]  # a resumed connection gets these instead
+    assert box.unsent_bytes == 1  # "a" is still being written
+    assert box.take_text() == []
+    assert await box.take() == [Ping(b"1")]  # control frames stay for this connection

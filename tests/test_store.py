@@ -47,11 +47,12 @@ async def test_only_creating_and_removing_a_posted_room_reach_the_store(
         assert task is not None and await hub.join(room.id, b) is task
         for _ in range(10):
             await task.relay("a", "b", '{"type":"ice-candidate"}', None)
-        await task.leave("a")
-        await task.leave("b")
-        adhoc = await hub.join("adhoc", FakeMember("c", "C"))  # a join-made room is not kept
+        await task.leave(a)
+        await task.leave(b)
+        c = FakeMember("c", "C")
+        adhoc = await hub.join("adhoc", c)  # a join-made room is not kept
         assert adhoc is not None
-        await adhoc.leave("c")
+        await adhoc.leave(c)
         await trio.testing.wait_all_tasks_blocked()
         assert store.changes == [("created", room.id)]
         await trio.sleep(61)

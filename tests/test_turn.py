@@ -127,6 +127,16 @@ async def test_members_get_turn_credentials_in_joined_room_and_on_request(server
     assert (status, body) == (200, {"iceServers": [STUN]})  # the public route never carries credentials
 
 
+async def test_a_resumed_member_gets_fresh_credentials_of_its_own(server_factory: Callable[..., Any]) -> None:
+    server = await server_factory(ice=TURN_CONFIG)
+    async with connect(server.port) as a, connect(server.port) as a_again:
+        joined = await a.join("turn", "ada")
+        await a_again.send(type="resume", token=joined["resumeToken"])  # takes over: a is closed with 4001
+        resumed = await a_again.expect("resumed", peerId=a.peer_id)
+        assert a.peer_id
+        check_turn_entry(resumed["iceServers"], a.peer_id)
+
+
 async def test_get_ice_servers_outside_a_room_is_not_in_room(server_factory: Callable[..., Any]) -> None:
     server = await server_factory(ice=TURN_CONFIG)
     async with connect(server.port) as client:
@@ -142,6 +152,6 @@ async def test_without_a_turn_secret_joined_room_is_unchanged(server_factory: Ca
     server = await server_factory(ice={"servers": [STUN]})
     async with connect(server.port) as client:
         joined = await client.join("r", "ada")
-        assert set(joined) == {"type", "roomId", "peerId", "username", "participants"}
+        assert set(joined) == {"type", "roomId", "peerId", "username", "participants", "resumeToken", "resumeGrace"}
         await client.send(type="get-ice-servers")
         await client.expect("ice-servers", iceServers=[STUN])

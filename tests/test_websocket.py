@@ -288,7 +288,9 @@ async def test_slow_reader_is_evicted_and_room_keeps_going(server_factory: Calla
 
 
 async def test_silent_peer_is_dropped_after_ping_timeout(server_factory: Callable[..., Any]) -> None:
-    server = await server_factory(limits={"ping_interval": 0.05, "ping_timeout": 0.2, "close_timeout": 0.2})
+    server = await server_factory(
+        limits={"ping_interval": 0.05, "ping_timeout": 0.2, "close_timeout": 0.2}, rooms={"resume_grace": 0}
+    )
     async with connect(server.port) as a:
         await a.join("r", "a")
         stream = await trio.open_tcp_stream("127.0.0.1", server.port)
@@ -306,8 +308,13 @@ async def test_silent_peer_is_dropped_after_ping_timeout(server_factory: Callabl
 async def test_a_silent_member_leaves_at_the_ping_timeout_not_after_the_close_handshake(
     server_factory: Callable[..., Any],
 ) -> None:
-    """The room hears of it when the server gives up on the member, though the close may take 60 s."""
-    server = await server_factory(limits={"ping_interval": 0.05, "ping_timeout": 0.2, "close_timeout": 60})
+    """The room hears of it when the server gives up on the member, though the close may take 60 s.
+
+    Resume is off here: with it on, a ping timeout suspends the member instead (tests/test_resume.py).
+    """
+    server = await server_factory(
+        limits={"ping_interval": 0.05, "ping_timeout": 0.2, "close_timeout": 60}, rooms={"resume_grace": 0}
+    )
     async with connect(server.port) as a:
         await a.join("r", "a")
         stream = await trio.open_tcp_stream("127.0.0.1", server.port)

@@ -15,6 +15,11 @@
 //
 // Incoming messages are handled strictly one at a time (see `inbox`): an ICE candidate must
 // never be applied while the offer or answer before it is still being set.
+//
+// A network blip does not end the call. The media flows between the browsers, so it usually
+// survives; only the WebSocket to signald breaks. Then this page reconnects and sends `resume`
+// with the `resumeToken` signald gave it: it keeps its peer id, receives what it missed, and
+// the others never see it leave (see `lost`). Messages it sends meanwhile wait in `outbox`.
 
 const $ = (id) => document.getElementById(id);
 
@@ -27,6 +32,16 @@ let roomId = null;
 let myPeerId = null;        // set by joined-room: we are in the room
 const peers = new Map();    // peerId -> { username, tile, pc (null until a call starts) }
 let inbox = Promise.resolve();  // the tail of the queue of incoming messages
+let resumeToken = null;     // our secret for taking the session back after a blip; never shown
+let resumeGrace = 0;        // seconds signald keeps our place after the connection is lost
+let reconnecting = null;    // while the connection is lost: { until, attempt, timer }
+let outbox = [];            // messages sent while reconnecting, sent once we have resumed
+
+// Seconds between application-level pings. A connection that dies silently (Wi-Fi gone, a
+// laptop lid closed) fires no event for minutes; a ping left unanswered this long reveals it.
+const HEARTBEAT_SECONDS = 10;
+// Close codes after which the session is over and resuming is pointless (docs/protocol.md).
+const SESSION_ENDED = [1000, 1008, 1009, 4001];
 
 // --- Plain words for what can go wrong. -----------------------------------------------------
 
@@ -36,6 +51,7 @@ function describeError(msg) {
     case 'room-full': return `The room "${roomId}" is full. Try another room name.`;
     case 'room-not-found': return `There is no room called "${roomId}". This server only lets you join rooms created in advance.`;
     case 'invalid-message': return `The server did not accept that: ${msg.message}.`;
+    case 'resume-failed': return `The connection to the server was lost and the call could not be resumed (${msg.message}). Join again.`;
     default: return `The server said: ${msg.message} (${msg.code}).`;
   }
 }
@@ -47,6 +63,7 @@ function describeClose(event, wasOpen) {
     case 1001: return 'The server is restarting or dropped the connection. Join again in a moment.';
     case 1008: return 'The server disconnected this page because it fell too far behind. Join again.';
     case 1009: return 'A message was too large for the server.';
+    case 4001: return 'This call continues in another tab or on another device.';
     default: return `Lost the connection to the server (code ${event.code}${event.reason ? `: ${event.reason}` : ''}).`;
   }
 }
@@ -104,7 +121,7 @@ async function join(event) {
     ({ iceServers } = await response.json());
 
     showStatus('Connecting to the server…');
-    connect(roomId, username);
+    connect({ type: 'join-room', roomId, username, requestId: 'join' });
     history.replaceState(null, '', `?room=${encodeURIComponent(roomId)}`);  // a link to share
   } catch (err) {
     leave();
@@ -112,19 +129,34 @@ async function join(event) {
   }
 }
 
-function connect(room, username) {
+// Opens the WebSocket and sends `first` on it: join-room, or resume after a blip.
+function connect(first) {
   // Same host and port as this page; wss:// when the page came over https:// (TLS proxy).
   const url = new URL('/ws', location.href);
   url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
   const socket = new WebSocket(url);
   let wasOpen = false;
+  let pingUnanswered = false;
+  let heartbeat = null;
   ws = socket;
 
   socket.onopen = () => {
     wasOpen = true;
-    send({ type: 'join-room', roomId: room, username, requestId: 'join' });
+    socket.send(JSON.stringify(first));
+    heartbeat = setInterval(() => {
+      if (ws !== socket) {
+        clearInterval(heartbeat);
+      } else if (pingUnanswered) {
+        socketGone(socket, { code: 4000, reason: 'no pong' });
+        socket.close(4000, 'no pong');  // signald keeps our place for any code but 1000/1001
+      } else {
+        pingUnanswered = true;
+        socket.send(JSON.stringify({ type: 'ping', requestId: 'heartbeat' }));
+      }
+    }, HEARTBEAT_SECONDS * 1000);
   };
   socket.onmessage = (event) => {
+    pingUnanswered = false;  // anything at all shows the connection is alive
     const msg = JSON.parse(event.data);
     // Chain onto the queue: each message is handled after the previous one has finished.
     // Messages still queued from a socket we have since left are dropped.
@@ -133,23 +165,63 @@ function connect(room, username) {
       .catch((err) => console.error('signaling:', msg.type, err));
   };
   socket.onclose = (event) => {
-    if (ws !== socket) return;  // we closed it ourselves in leave()
-    leave();
-    showStatus(describeClose(event, wasOpen), true);
+    clearInterval(heartbeat);
+    socketGone(socket, event, wasOpen);
   };
 }
 
+// The WebSocket has closed or gone silent. In a call, that is a blip: take the session back.
+function socketGone(socket, event, wasOpen = true) {
+  if (ws !== socket) return;  // we closed it ourselves, in leave() or for a missed heartbeat
+  if (reconnecting) {
+    retry();  // this attempt failed as well
+  } else if (myPeerId && resumeToken && !SESSION_ENDED.includes(event.code)) {
+    lost();
+  } else {
+    leave();
+    showStatus(describeClose(event, wasOpen), true);
+  }
+}
+
+// Reconnect at once, then with backoff, for as long as signald keeps our place.
+function lost() {
+  ws = null;
+  reconnecting = { until: Date.now() + resumeGrace * 1000, attempt: 0, timer: null };
+  showStatus('The connection to the server was lost. Reconnecting…');
+  retry();
+}
+
+function retry() {
+  ws = null;
+  if (Date.now() >= reconnecting.until) {
+    leave();
+    showStatus('The connection to the server was lost, and did not come back in time. Join again.', true);
+    return;
+  }
+  const delay = reconnecting.attempt === 0 ? 0 : Math.min(250 * 2 ** reconnecting.attempt, 4000);
+  reconnecting.attempt += 1;
+  reconnecting.timer = setTimeout(() => connect({ type: 'resume', token: resumeToken, requestId: 'resume' }), delay);
+}
+
 function send(msg) {
-  ws.send(JSON.stringify(msg));
+  if (reconnecting) {
+    outbox.push(msg);  // e.g. ICE candidates found during the blip: sent once resumed
+  } else {
+    ws.send(JSON.stringify(msg));
+  }
 }
 
 function leave() {
-  if (myPeerId && ws?.readyState === WebSocket.OPEN) {
+  if (myPeerId && !reconnecting && ws?.readyState === WebSocket.OPEN) {
     send({ type: 'leave-room' });  // no reply; the others get user-left
   }
-  ws?.close(1000);  // closing alone would also leave the room
+  ws?.close(1000);  // closing with 1000 alone would also leave the room at once
   ws = null;
   myPeerId = null;
+  clearTimeout(reconnecting?.timer);
+  reconnecting = null;
+  resumeToken = null;
+  outbox = [];
   for (const peerId of [...peers.keys()]) removePeer(peerId);
   localStream?.getTracks().forEach((track) => track.stop());
   localStream = null;
@@ -166,12 +238,24 @@ async function handle(msg) {
     case 'joined-room':
       // We are the newcomer: everyone listed will call us, so we only prepare their tiles.
       myPeerId = msg.peerId;
+      ({ resumeToken, resumeGrace } = msg);
       if (msg.iceServers) iceServers = msg.iceServers;  // with TURN credentials of our own
       $('lobby').hidden = true;
       $('call').hidden = false;
       $('room-name').textContent = msg.roomId;
       showStatus(msg.participants.length ? '' : 'You are the first one here. Waiting for others to join…');
       for (const { peerId, username } of msg.participants) addPeer(peerId, username);
+      break;
+
+    case 'resumed':
+      // Back after a blip, with the same peer id. The `missed` messages that follow are
+      // handled like any others, and bring our picture of the room up to date.
+      ({ resumeToken, resumeGrace } = msg);
+      if (msg.iceServers) iceServers = msg.iceServers;  // fresh TURN credentials, as in joined-room
+      reconnecting = null;
+      for (const queued of outbox) send(queued);
+      outbox = [];
+      showStatus('Reconnected.');
       break;
 
     case 'user-joined': {
@@ -213,7 +297,8 @@ async function handle(msg) {
 
     case 'error':
       if (msg.code === 'peer-not-found') break;  // a message crossed a peer's departure: harmless
-      if (msg.requestId === 'join') leave();    // the join failed: back to the lobby
+      // The join failed, or the resume after a blip did: back to the lobby.
+      if (msg.requestId === 'join' || msg.requestId === 'resume') leave();
       showStatus(describeError(msg), true);
       break;
   }

@@ -76,7 +76,9 @@ async def test_many_slow_clients_do_not_block_honest_ones(server_factory: Callab
 
 
 @pytest.mark.parametrize("cut", ["mid-head", "mid-frame-header", "mid-frame-payload", "after-join"])
-async def test_abrupt_reset(server: Server, cut: str) -> None:
+async def test_abrupt_reset(server_factory: Callable[..., Any], cut: str) -> None:
+    """With resume off, a reset member leaves at once (test_resume.py covers the grace)."""
+    server = await server_factory(rooms={"resume_grace": 0})
     assert server.port
     async with honest_pair(server) as pair, connect(server.port) as witness:
         await witness.join("victim", "witness")
