@@ -11,11 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+import pytest
 import trio
 import trio.testing
 
 from signald._cluster import ClusterHub
 from signald._config import Config, RoomsConfig
+from signald._hub import ResumeFailed
 
 from .test_room import NOW, FakeMember
 
@@ -264,4 +266,18 @@ async def test_an_overflowing_member_stays_until_its_leave_comes_back_in_order()
         await hub.dispatch({"r": "r", "k": "leave", "p": "s"})
         await settle()
         assert a.frames[-1] == {"type": "user-left", "roomId": "r", "peerId": "s", "username": "S"}
+        nursery.cancel_scope.cancel()
+
+
+async def test_resume_is_refused_in_cluster_mode_and_a_lost_connection_leaves_through_redis() -> None:
+    async with trio.open_nursery() as nursery:
+        link = FakeLink()
+        hub = make_hub(nursery, link)
+        a = FakeMember("a", "A")
+        [task] = await joined(hub, a, join_event("a", HERE), nursery)
+        assert task is not None
+        with pytest.raises(ResumeFailed, match="cluster"):
+            await hub.resume("any-token", lambda peer_id, username: FakeMember(peer_id, username))
+        await task.suspend(a, [], 1024)
+        assert link.calls[-1][:3] == ("leave", "r", "a")
         nursery.cancel_scope.cancel()
