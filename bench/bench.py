@@ -30,6 +30,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from loadgen import join_timeout  # bench/ is on sys.path: this file runs as a script
+
 from signald._cli import GC_THRESHOLD
 
 BENCH = Path(__file__).resolve().parent
@@ -69,6 +71,7 @@ FIGURES: dict[str, list[tuple[str, str]]] = {
         ("msgs_per_s", "relayed msgs/s"),
         ("server_cpu_pct", "server CPU %"),
         ("gen_cpu_pct", "generator CPU %"),
+        ("gen_stall_ms", "generator's longest stall (ms)"),
     ],
     "latency": [
         ("p50_ms", "one-way p50 (ms)"),
@@ -77,6 +80,7 @@ FIGURES: dict[str, list[tuple[str, str]]] = {
         ("server_cpu_pct", "server CPU %"),
         ("gen_cpu_pct", "generator CPU %"),
         ("achieved_msgs_per_s", "relayed msgs/s achieved"),
+        ("gen_stall_ms", "generator's longest stall (ms)"),
     ],
     "memory": [("kib_per_conn", "server RSS per connection (KiB)")],
     "join-storm": [
@@ -189,7 +193,9 @@ def loadgen(prefix: list[str], target: str, server: Server, scenario: str, optio
     args = [*prefix, *generator_command(target, scenario, server)]
     for key, value in options.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
-    bound = options.get("warmup", 0) + options.get("duration", 0) + options.get("settle", 0) + SCENARIO_SLACK
+    clients = options.get("clients", 2 * options.get("pairs", 0))
+    bound = options.get("warmup", 0) + options.get("duration", 0) + options.get("settle", 0)
+    bound += join_timeout(clients) + SCENARIO_SLACK
     done = subprocess.run(args, capture_output=True, text=True, timeout=bound, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"loadgen {scenario} failed:\n{done.stderr[-2000:]}\nserver:\n{server.output()}")
@@ -201,11 +207,17 @@ def measure(scenario: str, options: dict[str, Any], runs: int, servers: list[str
     results: dict[str, list[dict[str, Any]]] = {target: [] for target in servers}
     for run in range(runs):
         for target in servers:  # take turns, so slow drift on a shared machine hits all alike
-            server = Server(target, server_prefix)
             try:
-                result = loadgen(gen_prefix, target, server, scenario, options)
-            finally:
-                server.stop()
+                server = Server(target, server_prefix)
+                try:
+                    result = loadgen(gen_prefix, target, server, scenario, options)
+                finally:
+                    server.stop()
+            except (RuntimeError, subprocess.TimeoutExpired) as error:
+                # One failed run (a join phase past its bound on a starved machine, say) costs
+                # that cell a run, not the whole report.
+                print(f"  {scenario} {target} run {run + 1} FAILED: {error}", file=sys.stderr)
+                continue
             results[target].append(result)
             print(f"  {scenario} {target} run {run + 1}: {json.dumps(_brief(result))}", file=sys.stderr)
     return results
@@ -215,7 +227,11 @@ def _brief(result: dict[str, Any]) -> dict[str, Any]:
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}
 
 
-def summary(values: list[float]) -> str:
+def summary(values: list[float], runs: int) -> str:
+    if not values:
+        return "failed"
+    if len(values) < runs:
+        return f"{summary(values, len(values))} ({runs - len(values)} failed)"
     med = statistics.median(values)
     digits = 2 if med < 10 else 1  # sub-millisecond latencies need the second decimal
     if len(values) == 1:
@@ -227,6 +243,8 @@ def ratio(results: dict[str, list[dict[str, Any]]], reference: str, key: str) ->
     """signald's median over ``reference``'s, or None when either did not run."""
     if "signald" not in results or reference not in results:
         return None
+    if not results["signald"] or not results[reference]:
+        return float("nan")  # every run failed
     ref = statistics.median(r[key] for r in results[reference])
     return statistics.median(r[key] for r in results["signald"]) / ref if ref else float("nan")
 
@@ -240,14 +258,17 @@ def header(servers: list[str]) -> list[str]:
     ]
 
 
-def table(name: str, scenario: str, results: dict[str, list[dict[str, Any]]]) -> list[str]:
+def table(name: str, scenario: str, results: dict[str, list[dict[str, Any]]], runs: int) -> list[str]:
     lines = []
     for key, label in FIGURES[scenario]:
-        cells = [summary([r[key] for r in runs]) for runs in results.values()]
+        cells = [summary([r[key] for r in server_runs], runs) for server_runs in results.values()]
         verdicts = []
         for reference in REFERENCES:
             value = ratio(results, reference, key)
             if value is None:
+                continue
+            if value != value:  # NaN: no ratio to judge
+                cells.append("-")
                 continue
             cells.append(f"{value:.2f}x")
             verdicts += [g.verdict(value) for g in GOALS[scenario] if g.figure == key and g.reference == reference]
@@ -284,12 +305,11 @@ def profile(scenario_options: dict[str, Any], seconds: float, top: int, servers:
                 done = subprocess.run(
                     [*gen_prefix, *spy, "-o", str(raw)], capture_output=True, text=True, timeout=seconds + 30
                 )
-                gen.communicate(timeout=SCENARIO_SLACK)
                 if done.returncode != 0 or not raw.exists():
                     lines += [f"py-spy could not sample {target}: {done.stderr.strip()[-300:]}", ""]
                 else:
                     lines += summarize_profile(target, raw.read_text(), top)
-        finally:
+        finally:  # the generator's own figures are not needed: stop it as soon as py-spy is done
             if gen is not None and gen.poll() is None:
                 gen.kill()
                 gen.wait()
@@ -312,10 +332,12 @@ def _layer(frame: str) -> str:
         ("floor_tw.py", "floor"),
         ("trio_websocket/", "trio-websocket"),
         ("wsproto/", "wsproto"),
+        ("websockets/", "websockets"),
         ("h11/", "h11"),
         ("trio/", "trio (scheduler, sockets, channels)"),
         ("outcome", "trio (scheduler, sockets, channels)"),
         ("json/", "json"),
+        ("orjson", "json"),
     ):
         if marker in where:
             return layer
@@ -459,14 +481,16 @@ def main() -> None:
         if name[0] not in args.only:
             continue
         print(f"{name} ...", file=sys.stderr)
-        report += table(name, scenario, measure(scenario, options, args.runs, servers))
+        report += table(name, scenario, measure(scenario, options, args.runs, servers), args.runs)
+        if args.out:  # what has been measured survives whatever happens next
+            args.out.write_text("\n".join(report) + "\n")
     report += noise(pressure, cpu_pressure())
-    if args.out:  # the figures survive whatever happens while profiling
-        args.out.write_text("\n".join(report) + "\n")
     if args.profile_seconds > 0 and "A" in args.only:
         print("profiling at saturation (A, 500 pairs) ...", file=sys.stderr)
         report += ["", "## Where the time goes at saturation (A, 500 pairs; py-spy, own time)", ""]
-        report += profile({"pairs": 500, "window": 8}, args.profile_seconds, 15, servers)
+        # --quick leaves out the trio-websocket floor: a reference row, its profile is known.
+        profiled = [t for t in servers if not (args.quick and t == "floor-tw")]
+        report += profile({"pairs": 500, "window": 8}, args.profile_seconds, 15, profiled)
     report.append(f"Total time {time.monotonic() - started:.0f} s.")
     text = "\n".join(report)
     print(text)

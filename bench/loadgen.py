@@ -3,9 +3,11 @@
 It has to stay far cheaper per message than the server it measures, so it skips every
 library: the upgrade request and each client frame are built by hand (masked with a zero key,
 as RFC 6455 allows), frames from the server are split by a tiny parser, and a relayed
-candidate is recognised by its prefix without decoding its JSON. Each scenario prints one
-JSON object on stdout: its figures, plus the generator's and the server's CPU over the
-measured window, so a reader can see which of the two was the bottleneck.
+candidate is recognised by its prefix without decoding its JSON. It speaks signald's
+messages, or with ``--protocol peerjs`` PeerJS's. Each scenario prints one JSON object as the
+last line on stdout: its figures, plus the generator's and the server's CPU over the measured
+window (and in A and B the generator's longest stall), so a reader can see which of the two
+was the bottleneck.
 
 Only 127.0.0.1 is ever contacted; every phase is bounded in count and in time.
 
@@ -27,17 +29,26 @@ from collections.abc import Callable
 from typing import Any
 
 HOST = "127.0.0.1"
-#: Joins may take this long before a phase is declared failed (bounds every wait).
-PHASE_TIMEOUT = 60.0
+
+
+def join_timeout(clients: int) -> float:
+    """How long ``clients`` joins may take before the phase is declared failed (bounds every wait).
+
+    30 s plus 30 ms a join: a server starved by other tenants of a shared machine has been
+    seen to join fewer than 100 clients a second.
+    """
+    return 30.0 + 0.03 * clients
+
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 UPGRADE = (
     "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
 )
-#: How each protocol's relayed candidate starts, as its server sends it.
 #: The line scenario A prints on stdout once warmed up, before its window.
 WARM = "warm"
+#: How each protocol's relayed candidate starts, as its server sends it.
 RELAY_PREFIX = {"signald": b'{"type":"ice-candidate"', "peerjs": b'{"type":"CANDIDATE"'}
 #: Where the send timestamp sits in a candidate: ``ts`` and 20 digits of perf_counter_ns.
 TS_MARK = b" ts"
@@ -236,8 +247,22 @@ async def join_all(rooms: list[str], concurrency: int, on_relay: Any = None) -> 
                 results[index] = result
         return [r for r in results if r is not None]
 
-    pairs = await asyncio.wait_for(in_order(), PHASE_TIMEOUT)
+    pairs = await asyncio.wait_for(in_order(), join_timeout(len(rooms)))
     return [c for c, _ in pairs], [t for _, t in pairs]
+
+
+async def longest_stall(seconds: float, tick: float = 0.01) -> float:
+    """Sleep ``seconds`` in ``tick`` steps; the longest any step overran, in ms.
+
+    A long stall means this process got no CPU (other tenants of a shared machine): frames
+    stayed unread, so the window's figures undercount what the server did.
+    """
+    loop = asyncio.get_running_loop()
+    worst, end = 0.0, loop.time() + seconds
+    while (now := loop.time()) < end:
+        await asyncio.sleep(tick)
+        worst = max(worst, loop.time() - now - tick)
+    return 1000 * worst
 
 
 class CpuMeter:
@@ -309,13 +334,14 @@ async def throughput() -> dict[str, Any]:
     await asyncio.sleep(ARGS.warmup)
     print(WARM, flush=True)  # bench.py's profiler starts sampling here, whatever the joins took
     before, meter = received, CpuMeter(ARGS.server_pid)
-    await asyncio.sleep(ARGS.duration)
+    stall = await longest_stall(ARGS.duration)
     count, cpu = received - before, meter.stop()
     running = False
     close_all(clients)
     return {
         "msgs_per_s": count / cpu["wall_s"],
         "msgs_per_cpu_s": count / cpu["server_cpu_s"] if cpu["server_cpu_s"] else 0.0,
+        "gen_stall_ms": stall,
         **cpu,
     }
 
@@ -355,6 +381,7 @@ async def latency() -> dict[str, Any]:
         loop.call_later(0.001, tick)
 
     tick()
+    stall = asyncio.ensure_future(longest_stall(ARGS.warmup + ARGS.duration))
     cpu = await asyncio.wait_for(finished, ARGS.warmup + ARGS.duration + 10)
     recording = False
     await asyncio.sleep(0.2)  # let the last frames in flight arrive (they are not counted)
@@ -372,6 +399,7 @@ async def latency() -> dict[str, Any]:
         "p99_ms": pct(99),
         "p999_ms": pct(99.9),
         "achieved_msgs_per_s": len(samples) / cpu["wall_s"],
+        "gen_stall_ms": await stall,
         **cpu,
     }
 
@@ -398,7 +426,7 @@ async def join_storm() -> dict[str, Any]:
             return await connect_and_join(room_id)
 
     meter = CpuMeter(ARGS.server_pid)
-    results = await asyncio.wait_for(asyncio.gather(*(one(r) for r in rooms)), PHASE_TIMEOUT)
+    results = await asyncio.wait_for(asyncio.gather(*(one(r) for r in rooms)), join_timeout(len(rooms)))
     cpu = meter.stop()
     close_all([c for c, _ in results])
     times = sorted(t for _, t in results)
