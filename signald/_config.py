@@ -18,6 +18,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 import cattrs
@@ -63,6 +64,9 @@ class ServerConfig:
     #: PEM certificate chain and private key: when both are set, the port speaks only HTTPS/WSS.
     tls_cert: str = ""
     tls_key: str = ""
+    #: Bind with SO_REUSEPORT, so several signald processes on one machine share the port
+    #: (the kernel spreads new connections over them); they form one server with [cluster].
+    reuse_port: bool = False
 
 
 @attrs.frozen
@@ -143,6 +147,16 @@ class StorageConfig:
 
 
 @attrs.frozen
+class ClusterConfig:
+    #: ``redis://HOST[:PORT][/DB]`` or ``unix:///path/to/redis.sock``: the Redis 7 that makes several
+    #: signald processes one server. Empty = one process on its own, no Redis.
+    redis_url: str = ""
+    #: Seconds after which a node that stopped renewing its lease in Redis counts as dead and its
+    #: members leave their rooms.
+    node_timeout: float = _bounded(10.0, low=1, high=3600)
+
+
+@attrs.frozen
 class LogConfig:
     level: str = "info"
     #: "text" (one human-readable line per event) or "json" (one JSON object per line, for shippers).
@@ -198,6 +212,7 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
     storage: StorageConfig = StorageConfig()
+    cluster: ClusterConfig = ClusterConfig()
     log: LogConfig = LogConfig()
     ice: IceConfig = IceConfig()
     demo: DemoConfig = DemoConfig()
@@ -318,6 +333,26 @@ def _check_ice_server(key: str, server: IceServer) -> None:
             raise ConfigError(key, f"{url} is a TURN server: set both username and credential")
 
 
+def _check_redis_url(url: str) -> None:
+    """Refuse at start-up what coredis would only refuse at the first connection attempt."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        if parts.netloc or not parts.path.startswith("/") or parts.path == "/":
+            raise ConfigError("cluster.redis_url", f"{url!r}: a unix socket URL is unix:///absolute/path")
+        return
+    if parts.scheme != "redis" or not parts.hostname:
+        raise ConfigError(
+            "cluster.redis_url", f"{url!r} is not redis://HOST[:PORT][/DB] or unix:///path/to/redis.sock"
+        )
+    try:
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        raise ConfigError("cluster.redis_url", f"{url!r}: the port must be a number from 0 to 65535") from None
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        raise ConfigError("cluster.redis_url", f"{url!r}: the database after the / must be a number")
+
+
 def _check_turn(ice: IceConfig) -> None:
     for url in ice.turn_urls:
         scheme, colon, rest = url.partition(":")
@@ -407,6 +442,10 @@ def _check(config: Config) -> Config:
         raise ConfigError(f"server.{missing}", f"required when server.{given} is set")
     for index, server in enumerate(config.ice.servers):
         _check_ice_server(f"ice.servers[{index}]", server)
+    if config.cluster.redis_url:
+        _check_redis_url(config.cluster.redis_url)
+        if config.storage.path:
+            raise ConfigError("storage.path", "not used with cluster.redis_url (Redis keeps the rooms): remove one")
     _check_turn(config.ice)
     if config.metrics.bind:
         split_bind(config.metrics.bind)

@@ -66,7 +66,7 @@ class Host(Protocol):
         """The per-address key of a client: the peer, or whom a trusted proxy forwarded."""
         ...
 
-    def respond(self, request: HttpRequest) -> HttpResponse:
+    async def respond(self, request: HttpRequest) -> HttpResponse:
         """The REST API's answer."""
         ...
 
@@ -230,7 +230,7 @@ class HttpConnection:
                     await self._respond(admission, close=True)
                     return None
                 return admission, accept_headers(headers)
-            response = self._host.respond(HttpRequest(method, target, headers, body, self._client(headers)))
+            response = await self._host.respond(HttpRequest(method, target, headers, body, self._client(headers)))
             log.debug(
                 "%s: %s %s -> %d",
                 self._remote,

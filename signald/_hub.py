@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
@@ -103,6 +103,39 @@ class TooManyRooms(Exception):
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"the server has {limit} rooms, its limit; try again later")
+
+
+class ClusterUnavailable(Exception):
+    """Cluster mode: Redis cannot be reached, so what needs the whole cluster is refused."""
+
+
+@attrs.frozen
+class MemberInfo:
+    peer_id: str
+    username: str
+    joined_at: datetime
+
+
+@attrs.frozen
+class RoomInfo:
+    """What REST shows of a room: a copy, so that no handler holds a room task's live ``Room``."""
+
+    id: str
+    name: str
+    max_participants: int
+    created_at: datetime
+    participant_count: int
+    #: In join order; filled in only where a route shows them (GET /api/rooms/:id).
+    members: tuple[MemberInfo, ...] = ()
+
+    @classmethod
+    def of(cls, room: Room, *, with_members: bool = False) -> RoomInfo:
+        members = (
+            tuple(MemberInfo(seat.member.peer_id, seat.member.username, seat.joined_at) for seat in room.seats.values())
+            if with_members
+            else ()
+        )
+        return cls(room.id, room.name, room.max_participants, room.created_at, room.participant_count, members)
 
 
 class ResumeFailed(Exception):
@@ -232,13 +265,24 @@ class RoomTask:
                 return False
         return True
 
+    def _occupied(self) -> bool:
+        """Whether the room must stay, whatever its idle time."""
+        return bool(self.room.seats)
+
+    def _ends(self, now: float, idle_since: float | None) -> bool:
+        """Whether an unoccupied room ends now (its channel is empty)."""
+        return not self.room.persistent or (idle_since is not None and now >= idle_since + self._idle_ttl)
+
+    def _end_reason(self) -> str:
+        return "idle" if self.room.persistent else "empty"
+
     async def run(self, hub: RoomHub) -> None:
         room = self.room
         #: When the room was last seen empty; None while it has members.
         idle_since: float | None = trio.current_time()
         with self._receive:
             while True:
-                if room.seats:
+                if self._occupied():
                     idle_since = None
                 elif idle_since is None:
                     idle_since = trio.current_time()
@@ -260,11 +304,11 @@ class RoomTask:
                     for peer_id in room.expire(now):
                         log.info("room %s: %s left, not back within %g s", room.id, peer_id, room.resume_grace)
                     self._observer.left(present - len(room.seats))
-                if room.seats:
+                if self._occupied():
                     continue
-                if not room.persistent or (idle_since is not None and now >= idle_since + self._idle_ttl):
+                if self._ends(now, idle_since):
                     hub._forget(self)
-                    log.info("room %s: removed (%s)", room.id, "idle" if room.persistent else "empty")
+                    log.info("room %s: removed (%s)", room.id, self._end_reason())
                     return
 
 
@@ -302,9 +346,6 @@ class RoomHub:
         self._retired: dict[str, str] = {}
         self._retired_cap = retired_tokens
 
-    def __iter__(self) -> Iterator[Room]:
-        return (task.room for task in self._rooms.values())
-
     def __len__(self) -> int:
         return len(self._rooms)
 
@@ -331,6 +372,28 @@ class RoomHub:
     @property
     def at_capacity(self) -> bool:
         return len(self._rooms) >= self.config.max_rooms
+
+    # What REST and /health ask. Async because in cluster mode (``_cluster.ClusterHub``) the
+    # answers come from Redis; here they are this process's rooms.
+
+    @property
+    def problem(self) -> str | None:
+        """Why the server cannot do all it should (shown by /health), or None."""
+        return None
+
+    async def rooms(self) -> list[RoomInfo]:
+        return [RoomInfo.of(task.room) for task in self._rooms.values()]
+
+    async def room(self, room_id: str) -> RoomInfo | None:
+        task = self._rooms.get(room_id)
+        return RoomInfo.of(task.room, with_members=True) if task is not None else None
+
+    async def create_room(self, name: str, max_participants: int | None = None) -> RoomInfo:
+        return RoomInfo.of(self.create(name, max_participants))
+
+    async def counts(self) -> tuple[int, int]:
+        """Rooms and members: the numbers /health shows."""
+        return len(self._rooms), self.user_count
 
     def restore(self, room_id: str, name: str, max_participants: int, created_at: datetime) -> Room:
         """Bring back a room the store kept across a restart; its idle time counts from now.

@@ -44,6 +44,8 @@ RATE_LIMITED = "rate-limited"
 UNAUTHORIZED = "unauthorized"
 TOO_MANY_ROOMS = "too-many-rooms"
 RESUME_FAILED = "resume-failed"
+#: Cluster mode only: Redis is unreachable, so joins and relays to members on other nodes fail.
+CLUSTER_UNAVAILABLE = "cluster-unavailable"
 
 RequestId = str | int | None
 

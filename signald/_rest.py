@@ -1,14 +1,15 @@
-"""The REST API as a pure function from a parsed request to a response.
+"""The REST API: from a parsed request to a response.
 
 Transport concerns (h11, timeouts, body size caps, keep-alive) live in ``_connection``;
-this module only decides what each route answers, so it is tested without sockets.
+this module only decides what each route answers. Handlers are async because in cluster
+mode the hub answers about rooms from Redis (see ``_cluster``); alone, it answers at once.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -17,11 +18,10 @@ import attrs
 from ._auth import ApiKeys
 from ._config import Config
 from ._cors import CorsPolicy
-from ._hub import RoomHub, TooManyRooms
+from ._hub import ClusterUnavailable, RoomHub, RoomInfo, TooManyRooms
 from ._ids import format_timestamp, utc_now
 from ._limits import BucketsByKey, retry_after
-from ._messages import RATE_LIMITED, ROOM_ID, TOO_MANY_ROOMS, UNAUTHORIZED
-from ._room import Room
+from ._messages import CLUSTER_UNAVAILABLE, RATE_LIMITED, ROOM_ID, TOO_MANY_ROOMS, UNAUTHORIZED
 from ._static import load_assets
 
 MAX_ROOM_NAME = 100
@@ -66,7 +66,7 @@ def error_response(status: int, code: str, message: str, headers: list[tuple[str
     return json_response(status, {"error": code, "message": message}, headers)
 
 
-def room_json(room: Room, *, with_participants: bool = False) -> dict[str, Any]:
+def room_json(room: RoomInfo, *, with_participants: bool = False) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": room.id,
         "name": room.name,
@@ -76,12 +76,8 @@ def room_json(room: Room, *, with_participants: bool = False) -> dict[str, Any]:
     }
     if with_participants:
         body["participants"] = [
-            {
-                "peerId": seat.member.peer_id,
-                "username": seat.member.username,
-                "joinedAt": format_timestamp(seat.joined_at),
-            }
-            for seat in room.seats.values()
+            {"peerId": member.peer_id, "username": member.username, "joinedAt": format_timestamp(member.joined_at)}
+            for member in room.members
         ]
     return body
 
@@ -114,7 +110,7 @@ class RestApi:
         self._room_creations = room_creations
         self._metrics = metrics
 
-    def _route(self, path: str) -> tuple[tuple[str, ...], Callable[[HttpRequest], HttpResponse]] | None:
+    def _route(self, path: str) -> tuple[tuple[str, ...], Callable[[HttpRequest], Awaitable[HttpResponse]]] | None:
         """The methods a path allows and the handler for them, or None if no such path."""
         if path == "/health":
             return ("GET",), self._health
@@ -124,15 +120,19 @@ class RestApi:
             room_id = path.removeprefix("/api/rooms/")
             return ("GET",), lambda request: self._room(room_id)
         if path == "/api/ice-servers":
-            return ("GET",), lambda request: json_response(200, self._ice_servers)
+            return ("GET",), self._ice
         if path == "/metrics" and self._metrics is not None:
             return ("GET",), self._exposition
         asset = self._assets.get(path)
         if asset is not None:
-            return ("GET",), lambda request: HttpResponse(*asset.respond(request.headers.get("if-none-match")))
+
+            async def serve_asset(request: HttpRequest) -> HttpResponse:
+                return HttpResponse(*asset.respond(request.headers.get("if-none-match")))
+
+            return ("GET",), serve_asset
         return None
 
-    def handle(self, request: HttpRequest) -> HttpResponse:
+    async def handle(self, request: HttpRequest) -> HttpResponse:
         origin = request.headers.get("origin")
         cors = self._cors.headers(origin)
         route = self._route(request.path)
@@ -156,7 +156,10 @@ class RestApi:
                 "this call needs an API key: Authorization: Bearer <key>",
                 [("WWW-Authenticate", 'Bearer realm="signald"'), *cors],
             )
-        response = handler(request)
+        try:
+            response = await handler(request)
+        except ClusterUnavailable as exc:
+            response = error_response(503, CLUSTER_UNAVAILABLE, str(exc))
         return attrs.evolve(response, headers=[*response.headers, *cors])
 
     def _preflight(self, origin: str | None, methods: tuple[str, ...]) -> HttpResponse:
@@ -169,21 +172,29 @@ class RestApi:
             )
         return HttpResponse(204, self._cors.preflight_headers(origin, allow))
 
-    def _health(self, request: HttpRequest) -> HttpResponse:
-        draining = self._is_draining()
-        return json_response(
-            503 if draining else 200,
-            {
-                "status": "shutting-down" if draining else "healthy",
-                "rooms": len(self._hub),
-                "users": self._hub.user_count,
-                "timestamp": format_timestamp(self._clock()),
-            },
-        )
+    async def _ice(self, request: HttpRequest) -> HttpResponse:
+        return json_response(200, self._ice_servers)
 
-    def _rooms(self, request: HttpRequest) -> HttpResponse:
+    async def _health(self, request: HttpRequest) -> HttpResponse:
+        draining = self._is_draining()
+        problem = self._hub.problem
+        try:
+            rooms, users = await self._hub.counts()
+        except ClusterUnavailable:
+            rooms, users = len(self._hub), self._hub.user_count  # what this node holds
+        body: dict[str, Any] = {
+            "status": "shutting-down" if draining else "degraded" if problem else "healthy",
+            "rooms": rooms,
+            "users": users,
+            "timestamp": format_timestamp(self._clock()),
+        }
+        if problem:
+            body["reason"] = problem
+        return json_response(503 if draining else 200, body)
+
+    async def _rooms(self, request: HttpRequest) -> HttpResponse:
         if request.method == "GET":
-            return json_response(200, {"rooms": [room_json(room) for room in self._hub]})
+            return json_response(200, {"rooms": [room_json(room) for room in await self._hub.rooms()]})
         wait = self._room_creations.take(request.client, self._monotonic())
         if wait:
             limits = self._config.limits
@@ -202,7 +213,7 @@ class RestApi:
         if problem is not None:
             return error_response(400, "invalid-body", problem)
         try:
-            room = self._hub.create(body["name"], body.get("maxParticipants"))
+            room = await self._hub.create_room(body["name"], body.get("maxParticipants"))
         except TooManyRooms as exc:
             return error_response(503, TOO_MANY_ROOMS, str(exc))
         return json_response(201, room_json(room), [("Location", f"/api/rooms/{room.id}")])
@@ -221,13 +232,13 @@ class RestApi:
             return f"'maxParticipants' must be an integer from 2 to {limit}"
         return None
 
-    def _room(self, room_id: str) -> HttpResponse:
-        room = self._hub.get(room_id) if ROOM_ID.fullmatch(room_id) else None
+    async def _room(self, room_id: str) -> HttpResponse:
+        room = await self._hub.room(room_id) if ROOM_ID.fullmatch(room_id) else None
         if room is None:
             return error_response(404, "room-not-found", f"room {room_id[:64]} does not exist")
         return json_response(200, room_json(room, with_participants=True))
 
-    def _exposition(self, request: HttpRequest) -> HttpResponse:
+    async def _exposition(self, request: HttpRequest) -> HttpResponse:
         assert self._metrics is not None
         return exposition_response(self._metrics)
 

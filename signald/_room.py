@@ -113,6 +113,10 @@ class Room:
     #: Told each resume token that stops working, with the reason (one of ``TOKEN_*``).
     token_retired: Callable[[str, str], None] = _ignore
     seats: dict[str, Seat] = attrs.field(factory=dict)  # insertion order is join order
+    #: Remove a member whose queue overflowed, here and now. Off where membership is decided
+    #: elsewhere (the cluster's script in Redis): the overflowing connection closes, and its
+    #: leave comes back in the room's order like any other.
+    evicts: bool = True
     #: Peer ids of suspended members, oldest suspension first.
     suspended: dict[str, None] = attrs.field(factory=dict, init=False)
     _evicted: list[str] = attrs.field(factory=list, init=False)
@@ -133,13 +137,17 @@ class Room:
         request_id: m.RequestId = None,
         ice_servers: list[dict[str, Any]] | None = None,
         resume_token: str | None = None,
+        *,
+        admitted: bool = False,
     ) -> bool:
         """Seat ``member`` and tell everyone; False (and an error to the member) if full.
 
         ``ice_servers``, the member's own (see ``_turn``), goes into its ``joined-room``, and so
         does ``resume_token``, the member's secret for resuming after a lost connection.
+        ``admitted``: the room's capacity was checked where its membership is decided (the
+        cluster's script in Redis), so this room only carries the decision out.
         """
-        if len(self.seats) >= self.max_participants:
+        if not admitted and len(self.seats) >= self.max_participants:
             member.deliver(
                 m.encode_error(
                     m.ROOM_FULL,
@@ -270,7 +278,7 @@ class Room:
 
     def _deliver(self, seat: Seat, text: bytes) -> None:
         delivered = seat.member.deliver(text) if seat.kept is None else seat.kept.add(text)
-        if not delivered and seat.member.peer_id not in self._evicted:
+        if not delivered and self.evicts and seat.member.peer_id not in self._evicted:
             self._evicted.append(seat.member.peer_id)
 
     def _broadcast(self, text: bytes, exclude: str | None = None) -> None:

@@ -17,7 +17,8 @@ connection. Shutdown (``shutdown()``, called on SIGTERM/SIGINT) drains in this o
 
 The room store, when there is one, encloses both nurseries, so it is opened (and its rooms
 restored) before anything listens and finishes writing after the last room task has stopped.
-Nothing outlives ``serve``.
+In cluster mode (``[cluster]``) the link to Redis takes the store's place, so that sessions
+closing in the drain still leave their rooms in Redis. Nothing outlives ``serve``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import errno
 import json
 import logging
 import socket
+import ssl
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -102,8 +104,8 @@ class Server:
     def client_key(self, peer_host: str, forwarded_for: str | None) -> str:
         return self.proxies.client_key(peer_host, forwarded_for)
 
-    def respond(self, request: HttpRequest) -> HttpResponse:
-        return self._rest.handle(request)
+    async def respond(self, request: HttpRequest) -> HttpResponse:
+        return await self._rest.handle(request)
 
     def cors_headers(self, origin: str | None) -> list[tuple[str, str]]:
         return self._cors.headers(origin)
@@ -194,6 +196,8 @@ class Server:
             return [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in self._inherited]
         host, port = self.config.server.host, self.config.server.port
         try:
+            if self.config.server.reuse_port:
+                return await _reuse_port_listeners(host, port)
             return await trio.open_tcp_listeners(port, host=host)
         except OSError as exc:
             raise ConfigError("server.port", f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
@@ -265,64 +269,106 @@ class Server:
 
     async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until ``shutdown()``, then drain; ``task_status.started`` once accepting."""
-        server_config = self.config.server
-        tls = tls_context(server_config)
-        async with open_room_store(self.config.storage.path) as store, trio.open_nursery() as rooms:
-            ice = IceServers.from_config(self.config.ice)
-            self._hub = RoomHub(self.config.rooms, rooms, store=store, ice=ice, observer=self.observer)
-            for saved in store.saved if store is not None else ():
-                self._hub.restore(saved.id, saved.name, saved.max_participants, saved.created_at)
-            self._rest = self._rest_api()
-            listeners = await self._listen()
-            self.port = listeners[0].socket.getsockname()[1]
-            served: list[tuple[trio.abc.Listener[Any], Host]] = [
-                (listener if tls is None else trio.SSLListener(listener, tls, https_compatible=True), self)
-                for listener in listeners
-            ]
-            metrics_listeners: list[trio.SocketListener] = []
-            if self._metrics is not None:
-                rooms.start_soon(self._metrics.watch_event_loop)
-                if self.config.metrics.bind:
-                    metrics_listeners = await self._listen_for_metrics(self.config.metrics.bind)
-                    self.metrics_port = metrics_listeners[0].socket.getsockname()[1]
-                    endpoint = _MetricsEndpoint(self, self._metrics)
-                    served += [(listener, endpoint) for listener in metrics_listeners]
-                    log.info("metrics on %s", ", ".join(_address(listener.socket) for listener in metrics_listeners))
-            async with trio.open_nursery() as connections:
-                accepting = await connections.start(self._accept, served, connections)
-                log.info(
-                    "listening on %s%s%s",
-                    ", ".join(_address(listener.socket) for listener in listeners),
-                    " with TLS" if tls else "",
-                    " (sockets from systemd)" if self._inherited else "",
-                )
-                task_status.started(self)
-                await self._stop.wait()
-                self.draining = True
-                # Cancelling first means no accept is waiting when the sockets close (and no
-                # connection is accepted after this). Closing drops only our descriptor of a
-                # socket from systemd: it keeps listening.
-                accepting.cancel()
-                for listener in (*listeners, *metrics_listeners):
-                    await listener.aclose()
-                log.info(
-                    "shutting down: stopped accepting; closing %d WebSocket(s), finishing %d HTTP connection(s)",
-                    len(self._websockets),
-                    len(self._connections) - len(self._websockets),
-                )
-                for connection in list(self._connections):
-                    connection.close_if_idle()
-                for websocket in list(self._websockets):
-                    websocket.close(CLOSE_GOING_AWAY, "server shutting down")
-                if not self._connections:
-                    self._connections_gone.set()
-                with trio.move_on_after(server_config.shutdown_grace):
-                    await self._connections_gone.wait()
-                if self._connections:
-                    log.warning("shutdown_grace passed: cutting %d connection(s)", len(self._connections))
-                connections.cancel_scope.cancel()
-            rooms.cancel_scope.cancel()
+        tls = tls_context(self.config.server)
+        if self.config.cluster.redis_url:
+            from ._cluster import open_cluster  # coredis is imported only in cluster mode
+
+            async with open_cluster(self.config) as cluster_hub, trio.open_nursery() as rooms:
+                await self._serve(cluster_hub(rooms, self.observer), rooms, tls, task_status)
+                rooms.cancel_scope.cancel()
+        else:
+            async with open_room_store(self.config.storage.path) as store, trio.open_nursery() as rooms:
+                ice = IceServers.from_config(self.config.ice)
+                hub = RoomHub(self.config.rooms, rooms, store=store, ice=ice, observer=self.observer)
+                for saved in store.saved if store is not None else ():
+                    hub.restore(saved.id, saved.name, saved.max_participants, saved.created_at)
+                await self._serve(hub, rooms, tls, task_status)
+                rooms.cancel_scope.cancel()
         log.info("stopped")
+
+    async def _serve(
+        self, hub: RoomHub, rooms: trio.Nursery, tls: ssl.SSLContext | None, task_status: trio.TaskStatus[Server]
+    ) -> None:
+        """Listen and serve with ``hub`` until ``shutdown()``, then drain; ``rooms`` holds background tasks."""
+        server_config = self.config.server
+        self._hub = hub
+        self._rest = self._rest_api()
+        listeners = await self._listen()
+        self.port = listeners[0].socket.getsockname()[1]
+        served: list[tuple[trio.abc.Listener[Any], Host]] = [
+            (listener if tls is None else trio.SSLListener(listener, tls, https_compatible=True), self)
+            for listener in listeners
+        ]
+        metrics_listeners: list[trio.SocketListener] = []
+        if self._metrics is not None:
+            rooms.start_soon(self._metrics.watch_event_loop)
+            if self.config.metrics.bind:
+                metrics_listeners = await self._listen_for_metrics(self.config.metrics.bind)
+                self.metrics_port = metrics_listeners[0].socket.getsockname()[1]
+                endpoint = _MetricsEndpoint(self, self._metrics)
+                served += [(listener, endpoint) for listener in metrics_listeners]
+                log.info("metrics on %s", ", ".join(_address(listener.socket) for listener in metrics_listeners))
+        async with trio.open_nursery() as connections:
+            accepting = await connections.start(self._accept, served, connections)
+            log.info(
+                "listening on %s%s%s",
+                ", ".join(_address(listener.socket) for listener in listeners),
+                " with TLS" if tls else "",
+                " (sockets from systemd)" if self._inherited else "",
+            )
+            task_status.started(self)
+            await self._stop.wait()
+            self.draining = True
+            # Cancelling first means no accept is waiting when the sockets close (and no
+            # connection is accepted after this). Closing drops only our descriptor of a
+            # socket from systemd: it keeps listening.
+            accepting.cancel()
+            for listener in (*listeners, *metrics_listeners):
+                await listener.aclose()
+            log.info(
+                "shutting down: stopped accepting; closing %d WebSocket(s), finishing %d HTTP connection(s)",
+                len(self._websockets),
+                len(self._connections) - len(self._websockets),
+            )
+            for connection in list(self._connections):
+                connection.close_if_idle()
+            for websocket in list(self._websockets):
+                websocket.close(CLOSE_GOING_AWAY, "server shutting down")
+            if not self._connections:
+                self._connections_gone.set()
+            with trio.move_on_after(server_config.shutdown_grace):
+                await self._connections_gone.wait()
+            if self._connections:
+                log.warning("shutdown_grace passed: cutting %d connection(s)", len(self._connections))
+            connections.cancel_scope.cancel()
+
+
+async def _reuse_port_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """What ``trio.open_tcp_listeners`` does, plus SO_REUSEPORT on every socket.
+
+    With it, every signald on this machine listening on the same port gets its own accept
+    queue and the kernel spreads new connections over them, so N processes use N cores
+    without a proxy in front. trio has no option for it, hence these few lines.
+    """
+    listeners = []
+    for family, kind, proto, _, address in await trio.socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        sock = trio.socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            await sock.bind(address)
+            sock.listen(socket.SOMAXCONN)
+        except OSError:
+            sock.close()
+            for listener in listeners:
+                await listener.aclose()
+            raise
+        listeners.append(trio.SocketListener(sock))
+    return listeners
 
 
 def _address(sock: trio.socket.SocketType) -> str:
@@ -351,7 +397,7 @@ class _MetricsEndpoint:
     def cors_headers(self, origin: str | None) -> list[tuple[str, str]]:
         return []  # for Prometheus, not for pages in browsers
 
-    def respond(self, request: HttpRequest) -> HttpResponse:
+    async def respond(self, request: HttpRequest) -> HttpResponse:
         if request.path != "/metrics":
             return error_response(404, "not-found", f"no such path: {request.path[:200]}; this port serves /metrics")
         if request.method != "GET":

@@ -30,6 +30,13 @@ def test_defaults_match_the_documented_ones() -> None:
     assert (limits.max_sdp_length, limits.max_candidate_length) == (65536, 1024)  # sdp: max_message_bytes
     assert (limits.max_username_length, limits.max_json_depth) == (64, 32)
     assert (config.auth.secret, config.auth.api_keys) == ("", ())  # access control is off by default
+    # One process on its own: no Redis, no shared port.
+    assert (config.cluster.redis_url, config.cluster.node_timeout, config.server.reuse_port) == ("", 10.0, False)
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1", "redis://redis.internal:6380/2", "unix:///run/redis/r.sock"])
+def test_redis_urls_accepted(url: str) -> None:
+    assert structure({"cluster": {"redis_url": url}}).cluster.redis_url == url
 
 
 def test_secrets_never_appear_in_repr_or_errors() -> None:
@@ -86,6 +93,19 @@ def test_example_file_is_valid_and_complete() -> None:
         ({"auth": {"secret": "short"}}, "auth.secret", "at least 32"),
         ({"auth": {"api_keys": ["k" * 16, "short"]}}, "auth.api_keys", "key 1 must be at least 16"),
         ({"auth": {"token": "x"}}, "auth.token", "unknown key"),
+        ({"cluster": {"redis_url": "localhost:6379"}}, "cluster.redis_url", "is not redis://HOST"),
+        ({"cluster": {"redis_url": "redis://:6379"}}, "cluster.redis_url", "is not redis://HOST"),
+        ({"cluster": {"redis_url": "redis://h:port"}}, "cluster.redis_url", "port must be a number"),
+        ({"cluster": {"redis_url": "redis://h:6379/zero"}}, "cluster.redis_url", "database"),
+        ({"cluster": {"redis_url": "unix://relative.sock"}}, "cluster.redis_url", "unix:///absolute/path"),
+        ({"cluster": {"node_timeout": 0.5}}, "cluster.node_timeout", "at least 1"),
+        ({"cluster": {"redis_url": "redis://h", "x": 1}}, "cluster.x", "unknown key"),
+        (
+            {"cluster": {"redis_url": "unix:///run/redis.sock"}, "storage": {"path": "rooms.db"}},
+            "storage.path",
+            "not used with cluster.redis_url",
+        ),
+        ({"server": {"reuse_port": 1}}, "server.reuse_port", "true or false"),
     ],
 )
 def test_bad_values_name_their_key(tree: dict[str, Any], key: str, words: str) -> None:

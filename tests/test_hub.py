@@ -160,7 +160,11 @@ async def test_user_count_and_listing() -> None:
         await hub.join("x", FakeMember("a", "A"))
         await hub.join("x", FakeMember("b", "B"))
         assert len(hub) == 2 and hub.user_count == 2
-        assert {room.name for room in hub} == {"empty", "x"}
+        assert {room.name for room in await hub.rooms()} == {"empty", "x"}
+        assert await hub.counts() == (2, 2)
+        x = await hub.room("x")
+        assert x is not None and [member.peer_id for member in x.members] == ["a", "b"]
+        assert await hub.room("nope") is None
         nursery.cancel_scope.cancel()
 
 

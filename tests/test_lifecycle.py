@@ -184,10 +184,10 @@ async def test_crash_in_one_connection_does_not_take_the_server_down(
     assert server.port
     original = RestApi.handle
 
-    def explode_on_boom(self: RestApi, request: Any) -> Any:
+    async def explode_on_boom(self: RestApi, request: Any) -> Any:
         if request.path == "/boom":
             raise RuntimeError("bug in a handler")
-        return original(self, request)
+        return await original(self, request)
 
     monkeypatch.setattr(RestApi, "handle", explode_on_boom)
     async with connect(server.port) as a:
@@ -287,3 +287,26 @@ def test_a_taken_port_is_one_clear_line_and_exit_1() -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("signald: cannot start: server.port: cannot listen on 127.0.0.1:")
     assert "Traceback" not in result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def test_reuse_port_lets_two_servers_share_a_port_and_one_stop() -> None:
+    port = _free_port()
+    config = make_config(server={"port": port, "reuse_port": True})
+    first, second = Server(config), Server(config)
+    async with trio.open_nursery() as outer:
+        async with trio.open_nursery() as inner:
+            await inner.start(first.serve)
+            await outer.start(second.serve)  # would be "address in use" without SO_REUSEPORT
+            assert first.port == second.port == port
+            first.shutdown()
+        # The first has stopped; every new connection now lands on the second.
+        for _ in range(5):
+            status, _, body = await http_request(port, "GET", "/health")
+            assert status == 200 and body["status"] == "healthy"
+        second.shutdown()

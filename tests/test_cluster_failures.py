@@ -1,0 +1,286 @@
+"""What only a cluster has: nodes that die and a Redis that goes away, with real processes.
+
+Each test runs a real redis-server and two signald processes (tests/_nodes.py), with
+``cluster.node_timeout`` at 2 s so that every bound below stays short. Waits are on what a
+client or an operator can observe (frames, /health, GET /api/rooms/:id), each bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from ._clients import TIMEOUT, Client, connect, http_request
+from ._nodes import NODE_TIMEOUT, Node, node_factory
+from ._redis import RedisServer, poll_until, redis_server
+
+#: How long after its cause the cluster must be consistent again: node_timeout, plus a few
+#: seconds for the sweep, the reconnection and a loaded shared machine.
+SETTLE = NODE_TIMEOUT + 4
+
+
+class Watcher:
+    """A client whose every incoming frame is recorded by a background reader."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.frames: list[dict[str, Any]] = []
+        self._arrived = trio.Event()
+
+    async def read(self) -> None:
+        while True:
+            self.frames.append(json.loads(await self.client.ws.get_message()))  # unbounded: a background reader
+            self._arrived.set()
+            self._arrived = trio.Event()
+
+    async def wait_for(self, check: Callable[[list[dict[str, Any]]], bool], what: str, within: float) -> None:
+        with trio.move_on_after(within):
+            while not check(self.frames):
+                await self._arrived.wait()
+            return
+        raise AssertionError(f"not within {within:g} s: {what}; got {self.frames}")
+
+    def members(self) -> set[str]:
+        """The others in the room, as this client's frames tell it; and no duplicate joins."""
+        known: set[str] = set()
+        for frame in self.frames:
+            if frame["type"] == "joined-room":
+                known = {p["peerId"] for p in frame["participants"]}
+            elif frame["type"] == "user-joined":
+                assert frame["peerId"] not in known, f"duplicate user-joined: {frame}"
+                known.add(frame["peerId"])
+            elif frame["type"] == "user-left":
+                known.discard(frame["peerId"])
+        return known
+
+
+@asynccontextmanager
+async def watching(port: int, room: str, name: str) -> AsyncIterator[Watcher]:
+    """A client of the node at ``port`` in ``room``, watched until the block ends."""
+    async with connect(port) as client, trio.open_nursery() as nursery:
+        joined = await client.join(room, name)
+        watcher = Watcher(client)
+        watcher.frames.append(joined)
+        nursery.start_soon(watcher.read)
+        yield watcher
+        nursery.cancel_scope.cancel()
+
+
+async def room_members(node: Node, room: str) -> list[str]:
+    status, _, body = await http_request(node.port, "GET", f"/api/rooms/{room}")
+    assert status in (200, 404), body
+    return [p["peerId"] for p in body.get("participants", [])]
+
+
+async def test_members_of_a_killed_node_leave_everywhere_within_node_timeout(tmp_path: Path) -> None:
+    async with redis_server() as redis, node_factory(tmp_path, redis.url) as start:
+        survivor, doomed = await start(2)
+        async with watching(survivor.port, "r", "a") as a:
+            with trio.CancelScope() as dead:
+                async with connect(doomed.port) as b, connect(doomed.port) as c:
+                    await b.join("r", "b")
+                    await c.join("r", "c")
+                    await a.wait_for(lambda _: a.members() == {b.peer_id, c.peer_id}, "b and c joined", TIMEOUT)
+                    assert (await survivor.health())["users"] == 3
+                    doomed.kill()
+                    killed_at = trio.current_time()
+                    await a.wait_for(lambda _: a.members() == set(), "user-left for b and c", SETTLE)
+                    assert trio.current_time() - killed_at <= SETTLE
+                    dead.cancel()  # their server is gone: no close handshake to wait for
+            left = [f["peerId"] for f in a.frames if f["type"] == "user-left"]
+            assert sorted(left) == sorted([b.peer_id, c.peer_id])
+            health = await survivor.health()
+            assert (health["status"], health["users"], health["rooms"]) == ("healthy", 1, 1)
+            assert await room_members(survivor, "r") == [a.client.peer_id]
+
+
+async def _expect_degraded(nodes: list[Node]) -> None:
+    async def degraded() -> bool:
+        statuses = [(await node.health())["status"] for node in nodes]
+        return statuses == ["degraded"] * len(nodes)
+
+    await poll_until(degraded, "every node reports degraded")
+    for node in nodes:
+        health = await node.health()
+        assert "redis unreachable" in health["reason"]
+
+
+async def _outage(redis: RedisServer, nodes: list[Node], room: str) -> None:
+    """Members on both nodes; Redis stops; what works, what is refused; Redis is back; consistent."""
+    one, two = nodes
+    async with (
+        watching(one.port, room, "a") as a,
+        watching(one.port, room, "a2") as a2,
+        watching(two.port, room, "b") as b,
+    ):
+        everyone = {a.client.peer_id, a2.client.peer_id, b.client.peer_id}
+        for watcher in (a, a2, b):
+            await watcher.wait_for(
+                lambda _, w=watcher: w.members() == everyone - {w.client.peer_id}, "all joined", TIMEOUT
+            )
+        await redis.stop()
+        await _expect_degraded(nodes)
+        # Relays between members of one node go on; to the other node, and joins, are refused.
+        await a.client.send(type="webrtc-offer", to=a2.client.peer_id, sdp="same-node")
+        await a2.wait_for(lambda f: any(x.get("sdp") == "same-node" for x in f), "same-node relay", TIMEOUT)
+        await a.client.send(type="webrtc-offer", to=b.client.peer_id, sdp="cross", requestId="x")
+        await a.wait_for(
+            lambda f: any(x.get("code") == "cluster-unavailable" and x.get("requestId") == "x" for x in f),
+            "cross-node relay refused",
+            TIMEOUT,
+        )
+        async with connect(two.port) as late:
+            await late.send(type="join-room", roomId=room, username="late", requestId="j")
+            await late.expect("error", code="cluster-unavailable", requestId="j")
+        status, _, body = await http_request(one.port, "GET", "/api/rooms")
+        assert (status, body["error"]) == (503, "cluster-unavailable")
+        # a2 leaves while Redis is away: its own node tells a at once, the other node later.
+        await a2.client.send(type="leave-room")
+        await a.wait_for(lambda _: a2.client.peer_id not in a.members(), "a2 left (same node)", TIMEOUT)
+        await redis.start()
+        back_at = trio.current_time()
+
+        async def consistent() -> bool:
+            expected = sorted([a.client.peer_id, b.client.peer_id])
+            for node in nodes:
+                if (await node.health())["status"] != "healthy":
+                    return False
+                if sorted(await room_members(node, room)) != expected:
+                    return False
+            return a.members() == {b.client.peer_id} and b.members() == {a.client.peer_id}
+
+        await poll_until(consistent, "every member known everywhere, no ghosts", SETTLE)
+        assert trio.current_time() - back_at <= SETTLE
+        # Cross-node relays and joins work again, without restarting anything.
+        await b.client.send(type="webrtc-answer", to=a.client.peer_id, sdp="after")
+        await a.wait_for(lambda f: any(x.get("sdp") == "after" for x in f), "cross-node relay after", TIMEOUT)
+        async with connect(two.port) as late:
+            joined = await late.join(room, "late")
+            assert sorted(p["peerId"] for p in joined["participants"]) == sorted([a.client.peer_id, b.client.peer_id])
+            await a.wait_for(lambda _: late.peer_id in a.members(), "late announced", TIMEOUT)
+            # members() also checks that nobody got a duplicate user-joined.
+            await b.wait_for(lambda _: late.peer_id in b.members(), "late announced to b", TIMEOUT)
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["empty-restart", "aof"])
+async def test_redis_outage_is_survived_and_the_cluster_heals(tmp_path: Path, persistent: bool) -> None:
+    async with redis_server(persistent=persistent) as redis, node_factory(tmp_path, redis.url) as start:
+        nodes = await start(2)
+        status, _, posted = await http_request(nodes[0].port, "POST", "/api/rooms", {"name": "Kept"})
+        assert status == 201
+        await _outage(redis, nodes, posted["id"])
+        # The posted room: kept by the AOF; re-registered by its members after an empty restart.
+        status, _, listing = await http_request(nodes[1].port, "GET", "/api/rooms")
+        assert status == 200 and posted["id"] in [r["id"] for r in listing["rooms"]]
+        assert all(node.process.returncode is None for node in nodes)  # nothing crashed
+
+
+async def test_a_node_started_before_redis_serves_once_redis_is_up(tmp_path: Path) -> None:
+    async with redis_server() as redis:
+        await redis.stop()
+        async with node_factory(tmp_path, redis.url) as start:
+            [node] = await start(1, healthy=False)
+            assert (await node.health())["status"] == "degraded"
+            await redis.start()
+            await node.wait_until_healthy()
+            async with connect(node.port) as a:
+                await a.join("r", "a")
+
+
+async def test_a_stalled_node_is_swept_then_registers_its_members_again(tmp_path: Path) -> None:
+    """A node frozen past node_timeout looks dead; when it wakes, its members come back."""
+    async with redis_server() as redis, node_factory(tmp_path, redis.url) as start:
+        one, two = await start(2)
+        async with watching(one.port, "r", "a") as a, watching(two.port, "r", "b") as b:
+            await a.wait_for(lambda _: a.members() == {b.client.peer_id}, "b joined", TIMEOUT)
+            two.process.send_signal(signal.SIGSTOP)
+            try:
+                await a.wait_for(lambda _: a.members() == set(), "b swept with its stalled node", SETTLE)
+            finally:
+                two.process.send_signal(signal.SIGCONT)
+            await a.wait_for(lambda _: a.members() == {b.client.peer_id}, "b registered again", SETTLE)
+            assert b.members() == {a.client.peer_id}  # b never heard it had left
+            await b.client.send(type="webrtc-offer", to=a.client.peer_id, sdp="still here")
+            await a.wait_for(lambda f: any(x.get("sdp") == "still here" for x in f), "relay from b", TIMEOUT)
+            assert sorted(await room_members(one, "r")) == sorted([a.client.peer_id, b.client.peer_id])
+
+
+async def test_a_node_stopped_with_sigterm_lets_its_members_leave_at_once(tmp_path: Path) -> None:
+    """A rolling restart: the drain's leaves go through Redis, no waiting for node_timeout;
+    and the rooms live in Redis, not in any node."""
+    async with redis_server() as redis, node_factory(tmp_path, redis.url) as start:
+        one, two = await start(2)
+        async with watching(one.port, "r", "a") as a:
+            with trio.CancelScope() as gone:
+                async with connect(two.port) as b:
+                    await b.join("r", "b")
+                    await a.wait_for(lambda _: a.members() == {b.peer_id}, "b joined", TIMEOUT)
+                    two.process.terminate()
+                    await a.wait_for(lambda _: a.members() == set(), "b left with the drain", NODE_TIMEOUT)
+                    gone.cancel()
+            assert (await one.health())["users"] == 1
+            assert "is gone" not in one.log  # b left in the drain, not in a sweep for a dead node
+        # Redis is the room store: a posted room outlives every node that ever listed it.
+        status, _, posted = await http_request(one.port, "POST", "/api/rooms", {"name": "Kept"})
+        assert status == 201
+        one.process.terminate()
+        [fresh] = await start(1)
+        status, _, listing = await http_request(fresh.port, "GET", "/api/rooms")
+        assert [r["id"] for r in listing["rooms"]] == [posted["id"]]
+        async with connect(fresh.port) as c:
+            await c.join(posted["id"], "c")
+
+
+async def test_concurrent_joins_on_three_processes_keep_capacity_and_one_order(tmp_path: Path) -> None:
+    async with redis_server() as redis, node_factory(tmp_path, redis.url) as start:
+        nodes = await start(3)
+        five = {"name": "Five", "maxParticipants": 5}
+        status, _, room = await http_request(nodes[0].port, "POST", "/api/rooms", five)
+        assert status == 201
+        replies: list[dict[str, Any]] = []
+        seated: list[Watcher] = []
+        all_answered = trio.Event()
+
+        async def join(i: int) -> None:
+            async with connect(nodes[i % 3].port) as client:
+                await client.send(type="join-room", roomId=room["id"], username=f"u{i}")
+                reply = await client.recv()
+                replies.append(reply)
+                if len(replies) == 12:
+                    all_answered.set()
+                if reply["type"] == "joined-room":
+                    client.peer_id = reply["peerId"]
+                    watcher = Watcher(client)
+                    watcher.frames.append(reply)
+                    seated.append(watcher)
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(watcher.read)
+                        with trio.fail_after(TIMEOUT):
+                            await all_answered.wait()
+                            everyone = {w.client.peer_id for w in seated}
+                            await watcher.wait_for(
+                                lambda _: watcher.members() | {client.peer_id} == everyone, "all seated", TIMEOUT
+                            )
+                        nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for i in range(12):
+                nursery.start_soon(join, i)
+        assert sorted(r["type"] if r["type"] == "joined-room" else r["code"] for r in replies) == (
+            ["joined-room"] * 5 + ["room-full"] * 7
+        )
+        # One order for all: each member's joined-room list plus the user-joined it saw after,
+        # is the same sequence, cut at its own place.
+        orders = []
+        for watcher in seated:
+            joined = watcher.frames[0]
+            later = [f["peerId"] for f in watcher.frames[1:] if f["type"] == "user-joined"]
+            orders.append([p["peerId"] for p in joined["participants"]] + [joined["peerId"], *later])
+        assert all(order == orders[0] for order in orders), orders
