@@ -46,6 +46,22 @@ TOO_MANY_ROOMS = "too-many-rooms"
 RESUME_FAILED = "resume-failed"
 #: Cluster mode only: Redis is unreachable, so joins and relays to members on other nodes fail.
 CLUSTER_UNAVAILABLE = "cluster-unavailable"
+#: Every code above: what a client may be told, and what the metrics count by.
+ERROR_CODES = (
+    INVALID_JSON,
+    INVALID_MESSAGE,
+    UNKNOWN_TYPE,
+    ROOM_NOT_FOUND,
+    ROOM_FULL,
+    ALREADY_IN_ROOM,
+    NOT_IN_ROOM,
+    PEER_NOT_FOUND,
+    RATE_LIMITED,
+    UNAUTHORIZED,
+    TOO_MANY_ROOMS,
+    RESUME_FAILED,
+    CLUSTER_UNAVAILABLE,
+)
 
 RequestId = str | int | None
 

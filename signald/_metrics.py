@@ -49,19 +49,6 @@ LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 LAG_INTERVAL = 0.5
 
 RELAY_TYPES = ("webrtc-offer", "webrtc-answer", "ice-candidate")
-ERROR_CODES = (
-    m.INVALID_JSON,
-    m.INVALID_MESSAGE,
-    m.UNKNOWN_TYPE,
-    m.ROOM_NOT_FOUND,
-    m.ROOM_FULL,
-    m.ALREADY_IN_ROOM,
-    m.NOT_IN_ROOM,
-    m.PEER_NOT_FOUND,
-    m.RATE_LIMITED,
-    m.UNAUTHORIZED,
-    m.TOO_MANY_ROOMS,
-)
 #: Close codes with a label of their own (RFC 6455 7.4.1; 1005: a close frame without a code); any
 #: other is counted as "other".
 CLOSE_CODES = (1000, 1001, 1002, 1003, 1005, 1007, 1008, 1009, 1011)
@@ -76,6 +63,8 @@ class State:
     connections: int
     rooms: int
     members: int
+    #: Cluster mode only: whether this node cannot reach Redis (see ``/health``); None otherwise.
+    cluster_degraded: bool | None = None
 
 
 class Observer:
@@ -146,7 +135,7 @@ class Metrics(Observer, Collector):
         self._joins = 0
         self._join_seconds = _Histogram(JOIN_BUCKETS)
         self._leaves = 0
-        self._errors = dict.fromkeys(ERROR_CODES, 0)
+        self._errors = dict.fromkeys(m.ERROR_CODES, 0)
         self._evictions = 0
         self._closes: dict[int | None, int] = dict.fromkeys((*CLOSE_CODES, None), 0)
         self._other_closes = 0
@@ -193,6 +182,12 @@ class Metrics(Observer, Collector):
         yield GaugeMetricFamily("signald_connections", "Open WebSocket connections.", value=state.connections)
         yield GaugeMetricFamily("signald_rooms", "Live rooms.", value=state.rooms)
         yield GaugeMetricFamily("signald_members", "Members in all rooms.", value=state.members)
+        if state.cluster_degraded is not None:
+            yield GaugeMetricFamily(
+                "signald_cluster_degraded",
+                "1 while this node cannot reach Redis and serves its local rooms only (cluster mode).",
+                value=int(state.cluster_degraded),
+            )
         build = GaugeMetricFamily("signald_build_info", "The running signald.", labels=["version"])
         build.add_metric([__version__], 1)
         yield build

@@ -184,7 +184,8 @@ class Server:
         )
 
     def _state(self) -> State:
-        return State(len(self._websockets), len(self._hub), self._hub.user_count)
+        degraded = self._hub.problem is not None if self.config.cluster.redis_url else None
+        return State(len(self._websockets), len(self._hub), self._hub.user_count, degraded)
 
     def status(self) -> str:
         """One line for ``systemctl status``."""

@@ -110,6 +110,8 @@ async def _expect_degraded(nodes: list[Node]) -> None:
     for node in nodes:
         health = await node.health()
         assert "redis unreachable" in health["reason"]
+        status, _, body = await http_request(node.port, "GET", "/metrics")
+        assert status == 200 and b"\nsignald_cluster_degraded 1.0\n" in body
 
 
 async def _outage(redis: RedisServer, nodes: list[Node], room: str) -> None:
@@ -158,6 +160,9 @@ async def _outage(redis: RedisServer, nodes: list[Node], room: str) -> None:
 
         await poll_until(consistent, "every member known everywhere, no ghosts", SETTLE)
         assert trio.current_time() - back_at <= SETTLE
+        for node in nodes:
+            status, _, body = await http_request(node.port, "GET", "/metrics")
+            assert status == 200 and b"\nsignald_cluster_degraded 0.0\n" in body
         # Cross-node relays and joins work again, without restarting anything.
         await b.client.send(type="webrtc-answer", to=a.client.peer_id, sdp="after")
         await a.wait_for(lambda f: any(x.get("sdp") == "after" for x in f), "cross-node relay after", TIMEOUT)
@@ -172,7 +177,7 @@ async def _outage(redis: RedisServer, nodes: list[Node], room: str) -> None:
 @pytest.mark.parametrize("persistent", [False, True], ids=["empty-restart", "aof"])
 async def test_redis_outage_is_survived_and_the_cluster_heals(tmp_path: Path, persistent: bool) -> None:
     async with redis_server(persistent=persistent) as redis, node_factory(tmp_path, redis.url) as start:
-        nodes = await start(2)
+        nodes = await start(2, metrics={"enabled": True})
         status, _, posted = await http_request(nodes[0].port, "POST", "/api/rooms", {"name": "Kept"})
         assert status == 201
         await _outage(redis, nodes, posted["id"])

@@ -4,6 +4,7 @@ the traffic exactly, and output, scrape config and alert rules that Prometheus's
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import subprocess
 import time
@@ -15,6 +16,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from signald import _messages as m
 from signald._config import ConfigError, structure
 from signald._metrics import LAG_INTERVAL, Metrics, State
 from signald._server import REFUSALS_LOGGED_BURST
@@ -262,6 +264,29 @@ async def test_refused_upgrades_are_counted_and_logged_with_reason_and_origin(
         "origin-not-allowed": 1 + flood,
         "too-many-connections": 1,
     }
+
+
+def test_every_error_code_in_the_protocol_is_counted() -> None:
+    """An error code the metrics did not know once crashed the connection that was sent it."""
+    codes = {
+        value
+        for name, value in vars(m).items()  # every constant of _messages spelt like an error code
+        if name.isupper() and isinstance(value, str) and re.fullmatch(r"[a-z]+(-[a-z]+)*", value)
+    }
+    assert {m.UNAUTHORIZED, m.RESUME_FAILED, m.CLUSTER_UNAVAILABLE} <= codes
+    metrics = Metrics(lambda: State(0, 0, 0))
+    for code in codes:
+        metrics.error_sent(code)
+    _, samples = parse(metrics.render()[0].decode())
+    assert labelled(samples, "signald_errors_total", "code") == dict.fromkeys(codes, 1)
+
+
+def test_the_cluster_gauge_is_exported_in_cluster_mode_only() -> None:
+    single = parse(Metrics(lambda: State(0, 0, 0)).render()[0].decode())[1]
+    assert not [name for name, _ in single if name == "signald_cluster_degraded"]
+    for degraded in (False, True):
+        samples = parse(Metrics(lambda d=degraded: State(0, 0, 0, d)).render()[0].decode())[1]
+        assert value(samples, "signald_cluster_degraded") == int(degraded)
 
 
 def test_close_codes_outside_rfc_6455_share_one_label() -> None:
