@@ -55,7 +55,8 @@ class Outbox:
         self._items: list[Item] = []
         #: Text bytes pushed and not yet reported written: queued frames plus the writer's batch.
         self._unsent = 0
-        self._wakeup = trio.Event()
+        #: The writer's task while it waits in ``take``: woken directly, with no Event per wake-up.
+        self._waiter: trio.lowlevel.Task | None = None
         #: No more text is taken (closed, overflowed, or finishing).
         self.closed = False
         #: ``finish`` was called: the writer stops once it has written what is queued.
@@ -77,14 +78,14 @@ class Outbox:
             return False
         self._items.append(frame)
         self._unsent += size
-        self._wakeup.set()
+        self._wake()
         return True
 
     def control(self, item: Control) -> None:
         """Queue a control frame, in order with the text; not counted, never refused while open."""
         if not self._finished:
             self._items.append(item)
-            self._wakeup.set()
+            self._wake()
 
     def finish(self, last: Control | None = None) -> None:
         """Take no more text, queue ``last`` (a close frame) after what is queued, and end there.
@@ -97,7 +98,7 @@ class Outbox:
         self.closed = self._finished = True
         if last is not None:
             self._items.append(last)
-        self._wakeup.set()
+        self._wake()
 
     def take_text(self) -> list[bytes]:
         """Take back the text frames queued and not yet taken by the writer; control frames stay.
@@ -119,10 +120,19 @@ class Outbox:
         while not self._items:
             if self._finished:
                 return []
-            await self._wakeup.wait()
-            self._wakeup = trio.Event()
+            self._waiter = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort)
         batch, self._items = self._items, []
         return batch
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            trio.lowlevel.reschedule(self._waiter)
+            self._waiter = None
+
+    def _abort(self, raise_cancel: object) -> trio.lowlevel.Abort:
+        self._waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     def written(self, size: int) -> None:
         """The writer reports ``size`` text bytes handed to the transport."""
