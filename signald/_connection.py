@@ -181,7 +181,17 @@ class HttpConnection:
             if upgrade is not None:
                 admission, accept = upgrade
                 with admission.hold:  # entered with no checkpoint since the check: no race
-                    await self._websocket(admission, accept)
+                    # Inline, not a method: every coroutine frame in this chain lives as long
+                    # as the WebSocket, and idle connections are counted in thousands.
+                    with trio.move_on_after(self._host.request_timeout) as handshake:
+                        await self._send(h11.InformationalResponse(status_code=101, headers=accept))
+                    if handshake.cancelled_caught:
+                        log.info("%s: WebSocket handshake timed out", self._remote)
+                        return
+                    early, _ = self._conn.trailing_data
+                    # h11 is done with this connection: its state and buffers need not live as long as the WebSocket.
+                    del self._conn
+                    await admission.run(self._stream, early, self._remote)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away mid-exchange
         finally:
@@ -265,14 +275,3 @@ class HttpConnection:
     def _client(self, headers: dict[str, str]) -> str:
         """The per-address key of the client: the peer, or whom a trusted proxy forwarded."""
         return self._host.client_key(self._peer_host, headers.get("x-forwarded-for"))
-
-    async def _websocket(self, admission: Admission, accept: list[tuple[str, str]]) -> None:
-        with trio.move_on_after(self._host.request_timeout) as handshake:
-            await self._send(h11.InformationalResponse(status_code=101, headers=accept))
-        if handshake.cancelled_caught:
-            log.info("%s: WebSocket handshake timed out", self._remote)
-            return
-        early, _ = self._conn.trailing_data
-        # h11 is done with this connection: its state and buffers need not live as long as the WebSocket.
-        del self._conn
-        await admission.run(self._stream, early, self._remote)

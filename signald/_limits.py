@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import attrs
 
@@ -167,17 +165,36 @@ class ConnectionCounter:
             return Refusal.SERVER
         return None
 
-    @contextmanager
-    def hold(self, address: str) -> Iterator[None]:
+    def hold(self, address: str) -> _Held:
         """Count one connection from ``address`` for the duration of the block."""
+        return _Held(self, address)
+
+    def _add(self, address: str) -> None:
         self.total += 1
         self._by_address[address] = self._by_address.get(address, 0) + 1
-        try:
-            yield
-        finally:
-            self.total -= 1
-            left = self._by_address[address] - 1
-            if left:
-                self._by_address[address] = left
-            else:
-                del self._by_address[address]
+
+    def _remove(self, address: str) -> None:
+        self.total -= 1
+        left = self._by_address[address] - 1
+        if left:
+            self._by_address[address] = left
+        else:
+            del self._by_address[address]
+
+
+class _Held:
+    """:meth:`ConnectionCounter.hold`'s block: a slotted object, not a generator, because every
+    open WebSocket keeps one for its whole life (a ``@contextmanager``'s generator frame and
+    wrapper cost ~450 bytes more per connection)."""
+
+    __slots__ = ("_address", "_counter")
+
+    def __init__(self, counter: ConnectionCounter, address: str) -> None:
+        self._counter = counter
+        self._address = address
+
+    def __enter__(self) -> None:
+        self._counter._add(self._address)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._counter._remove(self._address)

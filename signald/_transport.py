@@ -103,7 +103,9 @@ class WebSocket:
         self.remote = remote
         #: The reader's current cancel scope: cancelled to make it look at the session now.
         self._scope: trio.CancelScope | None = None
-        self._written = trio.Event()
+        #: Whether the writer has stopped; ``_written`` is made only when someone waits for that.
+        self._writer_done = False
+        self._written: trio.Event | None = None
 
     def close(self, code: int, reason: str) -> None:
         """Close from outside the connection (shutdown)."""
@@ -133,7 +135,9 @@ class WebSocket:
                 # What is queued (a close frame, an echo) may take until the close bound, if any is left.
                 self.outbox.finish()
                 with trio.move_on_at(min(self.session.close_by, trio.current_time() + self._limits.close_timeout)):
-                    await self._written.wait()
+                    if not self._writer_done:
+                        self._written = trio.Event()
+                        await self._written.wait()
                 nursery.cancel_scope.cancel()
         finally:
             # Cancelled from outside (shutdown's grace ran out) or broken: the member still leaves.
@@ -248,7 +252,9 @@ class WebSocket:
             self.session.socket_closed(trio.current_time())
             self._wake()
         finally:
-            self._written.set()
+            self._writer_done = True
+            if self._written is not None:
+                self._written.set()
 
     def _encode(self, batch: list[Item]) -> tuple[bytes, int]:
         """The bytes of a batch of frames, and how many of them the outbox counted."""
