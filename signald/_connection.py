@@ -93,6 +93,18 @@ def _header_map(request: h11.Request) -> dict[str, str]:
 
 
 class HttpConnection:
+    #: Slotted: one per connection, thousands of them idle.
+    __slots__ = (
+        "_answered",
+        "_conn",
+        "_host",
+        "_idle",
+        "_origin",
+        "_peer_host",
+        "_remote",
+        "_stream",
+    )
+
     def __init__(self, host: Host, stream: Stream, peer_host: str, remote: str) -> None:
         self._host = host
         self._stream = stream
@@ -189,6 +201,7 @@ class HttpConnection:
                         log.info("%s: WebSocket handshake timed out", self._remote)
                         return
                     early, _ = self._conn.trailing_data
+                    del upgrade, accept, handshake  # nor need these
                     # h11 is done with this connection: its state and buffers need not live as long as the WebSocket.
                     del self._conn
                     await admission.run(self._stream, early, self._remote)

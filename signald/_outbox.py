@@ -47,6 +47,17 @@ Item = bytes | Control
 
 
 class Outbox:
+    #: Slotted: one per connection, thousands of them idle.
+    __slots__ = (
+        "_finished",
+        "_items",
+        "_limit",
+        "_on_overflow",
+        "_unsent",
+        "_waiter",
+        "closed",
+    )
+
     def __init__(self, limit_bytes: int, on_overflow: Callable[[], None]) -> None:
         self._limit = limit_bytes
         self._on_overflow = on_overflow

@@ -53,6 +53,7 @@ message size is not checked here: the codec closes with 1009 past ``max_message_
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -162,7 +163,46 @@ class State(enum.Enum):
     DONE = "done"
 
 
+@functools.lru_cache(maxsize=8)
+def _bounds(limits: LimitsConfig) -> m.Bounds:
+    """The shape bounds of ``limits``: one object shared by every session under them."""
+    return m.Bounds(
+        username=limits.max_username_length,
+        sdp=limits.max_sdp_length,
+        candidate=limits.max_candidate_length,
+        depth=limits.max_json_depth,
+    )
+
+
 class Session:
+    #: Slotted: one per connection, thousands of them idle.
+    __slots__ = (
+        "_bounds",
+        "_close_by",
+        "_ice",
+        "_idle_at",
+        "_joining",
+        "_keep_seat",
+        "_limits",
+        "_member",
+        "_new_id",
+        "_on_superseded",
+        "_ping_at",
+        "_pings_sent",
+        "_pong_by",
+        "_rate",
+        "_resuming",
+        "_room",
+        "_room_id",
+        "_tokens",
+        "close_code",
+        "close_reason",
+        "commands",
+        "outbox",
+        "remote",
+        "state",
+    )
+
     def __init__(
         self,
         limits: LimitsConfig,
@@ -184,12 +224,7 @@ class Session:
         self._on_superseded = on_superseded
         self._observer = observer or Observer()
         self._rate = MessageRate(limits.message_rate, limits.message_burst, limits.rate_limit_close_after, now)
-        self._bounds = m.Bounds(
-            username=limits.max_username_length,
-            sdp=limits.max_sdp_length,
-            candidate=limits.max_candidate_length,
-            depth=limits.max_json_depth,
-        )
+        self._bounds = _bounds(limits)
         self.commands: list[Command] = []
         self.state = State.OPEN
         #: Set once a close is decided: the code and reason (ours, the codec's or the client's).

@@ -70,6 +70,21 @@ def _let_the_kernel_buffer(stream: trio.abc.Stream) -> None:
 class WebSocket:
     """A session on an upgraded stream; ``early`` is what the client sent after its request head."""
 
+    #: Slotted: one per connection, thousands of them idle.
+    __slots__ = (
+        "_codec",
+        "_early",
+        "_hub",
+        "_limits",
+        "_scope",
+        "_stream",
+        "_writer_done",
+        "_written",
+        "outbox",
+        "remote",
+        "session",
+    )
+
     def __init__(
         self,
         stream: trio.abc.Stream,

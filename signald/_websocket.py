@@ -94,6 +94,16 @@ def text_frame(payload: bytes) -> bytes:
 
 
 class Codec:
+    #: Slotted: one per connection, thousands of them idle.
+    __slots__ = (
+        "_decoder",
+        "_failure_told",
+        "_parts",
+        "_protocol",
+        "_text",
+        "eof_requested",
+    )
+
     def __init__(self, max_message_bytes: int) -> None:
         self._protocol = _Protocol(Side.SERVER, state=State.OPEN, max_size=max_message_bytes, logger=_LIBRARY_LOG)
         self._protocol.debug = False
