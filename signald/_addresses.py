@@ -11,6 +11,7 @@ whole /64, so counting single IPv6 addresses would give an abuser 2**64 fresh id
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -41,6 +42,14 @@ def address_key(address: _Address) -> str:
     return str(address)
 
 
+@functools.lru_cache(maxsize=4096)
+def _peer_key(peer: str) -> str:
+    """The key of a client connected directly: parsing an address costs more than the rest of
+    a connection's admission, and clients reconnect from the same few addresses."""
+    address = _parse(peer)
+    return peer if address is None else address_key(address)
+
+
 class TrustedProxies:
     def __init__(self, networks: Iterable[str]) -> None:
         self._networks = [ipaddress.ip_network(network, strict=False) for network in networks]
@@ -54,10 +63,12 @@ class TrustedProxies:
         ``peer`` is the TCP peer's host; anything that is not an IP address (a Unix socket,
         say) is its own key.
         """
+        if not (forwarded_for and self._networks):
+            return _peer_key(peer)
         address = _parse(peer)
         if address is None:
             return peer
-        if forwarded_for and self._trusted(address):
+        if self._trusted(address):
             for entry in reversed(forwarded_for.split(",")):
                 hop = _parse(entry)
                 if hop is None:
