@@ -204,7 +204,9 @@ class HttpConnection:
                     del upgrade, accept, handshake  # nor need these
                     # h11 is done with this connection: its state and buffers need not live as long as the WebSocket.
                     del self._conn
-                    await admission.run(self._stream, early, self._remote)
+                    websocket = admission.run(self._stream, early, self._remote)
+                    del admission  # and its closure: the WebSocket's coroutine holds what it needs
+                    await websocket
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away mid-exchange
         finally:

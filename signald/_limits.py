@@ -72,6 +72,8 @@ class MessageRate:
     slowed down is not punished for it later.
     """
 
+    __slots__ = ("_bucket", "_close_after", "dropped")
+
     def __init__(self, rate: float, burst: int, close_after: int, now: float) -> None:
         self._bucket = TokenBucket.full(rate, burst, now)
         self._close_after = close_after
