@@ -186,6 +186,7 @@ class Session:
         "_limits",
         "_member",
         "_new_id",
+        "_observer",
         "_on_superseded",
         "_ping_at",
         "_pings_sent",

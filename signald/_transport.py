@@ -76,6 +76,8 @@ class WebSocket:
         "_early",
         "_hub",
         "_limits",
+        "_observer",
+        "_peer_close_code",
         "_scope",
         "_stream",
         "_writer_done",
