@@ -360,11 +360,7 @@ class ClusterHub(RoomHub):
         except BaseException:
             task.forget(member.peer_id)
             raise
-        if command.joined:
-            self._observer.joined(started)
-            return task
-        self._observer.join_refused(started)
-        return None
+        return self._outcome(task, command.joined, started)
 
     async def resume(
         self, token: str, connect: Callable[[str, str], Member], request_id: m.RequestId = None

@@ -456,11 +456,15 @@ class RoomHub:
                 joined = await task.join(member, request_id, ice_servers)
             except trio.BrokenResourceError:
                 continue  # that room just ended; look again (a new one may be created)
-            if joined:
-                self._observer.joined(started)
-                return task
-            self._observer.join_refused(started)
-            return None
+            return self._outcome(task, joined, started)
+
+    def _outcome(self, task: RoomTask, joined: bool, started: float) -> RoomTask | None:
+        """What ``join`` returns, reported to the observer: the room task, or None if refused."""
+        if joined:
+            self._observer.joined(started)
+            return task
+        self._observer.join_refused(started)
+        return None
 
     async def resume(
         self, token: str, connect: Callable[[str, str], Member], request_id: m.RequestId = None
