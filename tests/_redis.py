@@ -42,7 +42,7 @@ class RedisServer:
         self.url = f"unix://{self.socket}"
         self._process: trio.Process | None = None
 
-    def _command(self) -> list[str]:
+    def command(self) -> list[str]:
         redis = shutil.which("redis-server")
         assert redis, "redis-server is missing: scripts/install-test-packages installs it"
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
@@ -60,7 +60,7 @@ class RedisServer:
     async def start(self) -> None:
         assert self._process is None
         self._process = await trio.lowlevel.open_process(
-            self._command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         process = self._process
 
