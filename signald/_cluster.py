@@ -307,6 +307,10 @@ class ClusterHub(RoomHub):
         return None if self._link.available else self._link.problem
 
     @property
+    def redis_queue_bytes(self) -> int:
+        return self._link.queued_bytes
+
+    @property
     def user_count(self) -> int:
         """Members connected to this node (its mirrors of other nodes' members not counted)."""
         seats = (seat for task in self._rooms.values() for seat in task.room.seats.values())

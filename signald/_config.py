@@ -154,6 +154,10 @@ class ClusterConfig:
     #: Seconds after which a node that stopped renewing its lease in Redis counts as dead and its
     #: members leave their rooms.
     node_timeout: float = _bounded(10.0, low=1, high=3600)
+    #: Bytes of relays and membership commands this node may have queued for Redis and not yet
+    #: had answered. Past it (a slow or stalled Redis), relays to other nodes and joins are
+    #: refused with ``cluster-unavailable``, as in an outage, instead of memory growing.
+    send_queue_bytes: int = _bounded(8 * 1024 * 1024, low=1024, high=1024 * 1024 * 1024)
 
 
 @attrs.frozen
@@ -446,6 +450,12 @@ def _check(config: Config) -> Config:
         _check_redis_url(config.cluster.redis_url)
         if config.storage.path:
             raise ConfigError("storage.path", "not used with cluster.redis_url (Redis keeps the rooms): remove one")
+        if config.cluster.send_queue_bytes < config.limits.max_message_bytes:
+            raise ConfigError(
+                "cluster.send_queue_bytes",
+                f"must be at least limits.max_message_bytes ({config.limits.max_message_bytes}), or no relay"
+                " of the largest message could reach another node",
+            )
     _check_turn(config.ice)
     if config.metrics.bind:
         split_bind(config.metrics.bind)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -86,6 +87,15 @@ class RedisServer:
         with trio.fail_after(TIMEOUT):
             await self._process.wait()
         self._process = None
+
+    def pause(self) -> None:
+        """SIGSTOP: still connected, but reading and answering nothing (a stuck or swamped Redis)."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         if self._process is not None and self._process.returncode is None:
