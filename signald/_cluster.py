@@ -67,6 +67,7 @@ from ._ids import new_peer_id, new_room_id
 from ._metrics import Observer
 from ._redis import RedisLink
 from ._room import Member, Room
+from ._startup import redis_tls_context
 from ._turn import IceServers
 
 log = logging.getLogger("signald.cluster")
@@ -528,7 +529,7 @@ async def open_cluster(config: Config) -> AsyncIterator[Callable[[trio.Nursery, 
     The link outlives the hub's room tasks, so that sessions closing at shutdown can still
     leave their rooms in Redis.
     """
-    link = RedisLink(config.cluster, config.rooms, new_peer_id())
+    link = RedisLink(config.cluster, config.rooms, new_peer_id(), redis_tls_context(config.cluster))
     log.info("cluster: this is node %s, on %s", link.node, config.cluster.redis_url)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(link.run, name="redis link")

@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -285,9 +286,13 @@ def _ms() -> int:
 class RedisLink:
     """The node's connection to Redis, kept up by ``run``; see the module docstring."""
 
-    def __init__(self, config: ClusterConfig, rooms: RoomsConfig, node: str) -> None:
+    def __init__(
+        self, config: ClusterConfig, rooms: RoomsConfig, node: str, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.node = node
         self._url = config.redis_url
+        #: For a rediss:// URL (``_startup.redis_tls_context``).
+        self._tls = tls
         self._timeout = config.node_timeout
         self._rooms = rooms
         self._listener: Listener | None = None
@@ -481,12 +486,14 @@ class RedisLink:
 
     def _connect(self) -> coredis.Redis[str]:
         timeout = self._timeout / 3
+        tls: dict[str, Any] = {"ssl_context": self._tls} if self._tls is not None else {}
         return coredis.Redis.from_url(
             self._url,
             decode_responses=True,
             connect_timeout=timeout,
             stream_timeout=timeout,
             retry_policy=coredis.retry.NoRetryPolicy(),
+            **tls,
         )
 
     async def _connected(self) -> None:
@@ -632,4 +639,10 @@ def _first_message(group: BaseExceptionGroup[Any]) -> str:
     while leaves and isinstance(leaves[0], BaseExceptionGroup):
         leaves = leaves[0].exceptions
     first = leaves[0] if leaves else group
-    return str(first) or type(first).__name__
+    text = str(first) or type(first).__name__
+    cause = first.__cause__  # coredis wraps why it could not connect (a refused certificate, say)
+    while cause is not None and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text += f" ({cause})"
+    return text

@@ -35,7 +35,9 @@ def test_defaults_match_the_documented_ones() -> None:
     assert config.cluster.send_queue_bytes == 8 * 1024 * 1024
 
 
-@pytest.mark.parametrize("url", ["redis://127.0.0.1", "redis://redis.internal:6380/2", "unix:///run/redis/r.sock"])
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1", "redis://redis.internal:6380/2", "rediss://redis.internal:6380/1", "unix:///run/redis/r.sock"]
+)
 def test_redis_urls_accepted(url: str) -> None:
     assert structure({"cluster": {"redis_url": url}}).cluster.redis_url == url
 
