@@ -383,7 +383,8 @@ class ClusterHub(RoomHub):
     ) -> None:
         super().__init__(config.rooms, nursery, ice=IceServers.from_config(config.ice), observer=observer)
         self._link = link
-        self._backlog_bytes = config.limits.send_queue_bytes
+        #: Each room's backlog bound (see the module docstring).
+        self._backlog_limit = config.limits.send_queue_bytes
         link.attach(self)
 
     @property
@@ -406,7 +407,7 @@ class ClusterHub(RoomHub):
             return task
         # Name and capacity arrive with the room's first event (its "meta").
         room = Room(room_id, room_id, self.config.max_participants, self._clock(), persistent=False, evicts=False)
-        task = ClusterRoomTask(room, self._link, self._clock, self._observer, self._nursery, self._backlog_bytes)
+        task = ClusterRoomTask(room, self._link, self._clock, self._observer, self._nursery, self._backlog_limit)
         self._rooms[room_id] = task
         self._nursery.start_soon(task.run, self, name=f"room {room_id}")
         return task

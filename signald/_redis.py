@@ -307,7 +307,7 @@ class RedisLink:
         self.queued_bytes = 0
         #: The queue refused an item: it refuses every item until Redis answers a batch.
         self._full = False
-        #: Leaves that could not reach Redis: sent first when it is back.
+        #: Leaves that could not reach Redis (or found the queue full): sent when it is back (or has room).
         self._orphans: set[tuple[str, str]] = set()
         self.available = False
         #: Connected since the last loss: the listener must hear of the next one.
