@@ -45,8 +45,8 @@ class SharedRedis:
         self._server = RedisServer(directory, persistent=False)
         self._process: subprocess.Popen[bytes] | None = None
 
-    @property
     def url(self) -> str:
+        """Its URL; the first call starts it (a few milliseconds, blocking: once a session)."""
         if self._process is None:
             self._process = subprocess.Popen(
                 self._server.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -93,10 +93,6 @@ class Topology:
     @property
     def ports(self) -> list[int]:
         return [server.port for server in self.servers if server.port]
-
-    @property
-    def cluster(self) -> bool:
-        return len(self.servers) > 1
 
     def port(self, i: int) -> int:
         """Client ``i``'s node: clients alternate between the nodes."""

@@ -63,7 +63,7 @@ async def start_topology(request: pytest.FixtureRequest, shared_redis: SharedRed
     """``await start_topology(**sections)``: one server, or two nodes on Redis, with those sections."""
     cluster: dict[str, Any] = {}
     if request.param == "two-nodes":
-        cluster = {"cluster": {"redis_url": shared_redis.url, "node_timeout": 2}}
+        cluster = {"cluster": {"redis_url": shared_redis.url(), "node_timeout": 2}}
         await shared_redis.flush()
     async with trio.open_nursery() as nursery:
 
