@@ -25,7 +25,9 @@ Design rules:
    for nodes whose lease has expired and removes their members (the script re-checks the
    lease, so a node that came back is never swept).
 6. **A slow Redis costs bounded memory.** What is queued for Redis and not yet answered is
-   bounded by ``cluster.send_queue_bytes``. The first item that does not fit makes the queue
+   bounded by ``cluster.send_queue_bytes`` (an empty queue takes any one item: a relay of the
+   largest message, with its ids, may be a little over the smallest bound that config allows,
+   and refusing it there would refuse it forever). The first item that does not fit makes the queue
    *full*, and until Redis answers the batch in flight, Redis counts as unavailable for
    everything that would be queued (not only for items too big for what is left, so a small
    join does not slip in to wait behind a stalled Redis): a relay to another node is refused
@@ -335,8 +337,8 @@ class RedisLink:
         """Queue ``item`` for the writer; False if Redis is away or the queue is full (rule 6)."""
         if not self.available or self._full:
             return False
-        if self.queued_bytes + item.size > self._queue_limit:
-            self._full = True
+        if self.queued_bytes and self.queued_bytes + item.size > self._queue_limit:
+            self._full = True  # cleared when a batch is answered: there is one in flight
             return False
         self.queued_bytes += item.size
         self._send.send_nowait(item)

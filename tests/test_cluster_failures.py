@@ -364,6 +364,25 @@ async def test_a_redis_that_stops_reading_fills_a_bounded_queue_then_relays_are_
         nursery.cancel_scope.cancel()
 
 
+async def test_the_smallest_queue_to_redis_still_carries_the_largest_message() -> None:
+    """``cluster.send_queue_bytes`` may equal ``limits.max_message_bytes``: such a relay still crosses."""
+    sections: dict[str, Any] = {"limits": {"max_message_bytes": 1024}}
+    async with redis_server() as redis, trio.open_nursery() as nursery:
+        cluster = {"redis_url": redis.url, "node_timeout": 2, "send_queue_bytes": 1024}
+        topology = await serve(nursery, [make_config(**sections, cluster=cluster)] * 2)
+        one, two = topology.ports
+        async with connect(one) as a, connect(two) as b:
+            await a.join("r", "a")
+            await b.join("r", "b")
+            await a.expect("user-joined", peerId=b.peer_id)
+            head = json.dumps({"type": "webrtc-offer", "to": b.peer_id, "sdp": ""})
+            sdp = "x" * (1024 - len(head))  # the message is exactly max_message_bytes long
+            for _ in range(3):
+                await a.send(type="webrtc-offer", to=b.peer_id, sdp=sdp)
+                assert (await b.expect("webrtc-offer"))["sdp"] == sdp
+        nursery.cancel_scope.cancel()
+
+
 async def connect_and_join(port: int, room: str, name: str) -> None:
     async with connect(port) as client:
         await client.join(room, name)
