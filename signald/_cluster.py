@@ -346,7 +346,7 @@ class ClusterRoomTask(RoomTask):
             except trio.BrokenResourceError:
                 return  # ended: it has no members to tell
         if isinstance(command, _Relay):
-            if self._backlog_bytes + len(command.text) > self._backlog_limit:
+            if self._backlog_bytes and self._backlog_bytes + len(command.text) > self._backlog_limit:
                 if command.sender_id not in self._refused:
                     self._refused.add(command.sender_id)
                     self._backlog.append(_Refuse(command.sender_id, command.to))
