@@ -64,10 +64,6 @@ class ApiKeys:
     def __init__(self, keys: Iterable[str]) -> None:
         self._digests = [_digest(key.encode()) for key in keys]
 
-    @property
-    def required(self) -> bool:
-        return bool(self._digests)
-
     def allows(self, authorization: str | None) -> bool:
         if not self._digests:
             return True

@@ -15,6 +15,24 @@ announces it there), so a remote member's ``deliver`` is a no-op.
 While Redis is unreachable, joins and relays to remote members are refused with
 ``cluster-unavailable``; relays between members of this node go on. A member that leaves
 then is removed here at once and from Redis when it is back (``RedisLink.leave_soon``).
+
+**The link's reader never waits for a room.** One task reads everything Redis sends this
+node, for all its rooms. Were it to wait for one room's full channel, every room of the node
+would stall behind that one (and Redis, whose output buffer for the node grows meanwhile,
+would in the end drop the connection). So ``ClusterRoomTask.feed`` never blocks: a command
+that finds its room's channel full starts the room's *backlog*, which every later command
+from the link for that room joins until it is empty, so the room still applies them in
+Redis' order; a feeder task moves the backlog into the channel as the room task makes room.
+What a backlog keeps:
+
+- membership events and snapshots, and the link's notices (resync, lost), always: there is
+  one per join or leave, which Redis admits one at a time, and dropping one would leave this
+  node's mirror of the room wrong;
+- relays, up to ``limits.send_queue_bytes`` of them (the bound of the room's backlog, as it
+  is of each member's send queue). A relay that does not fit is dropped, and its sender (a
+  member on another node) is told ``cluster-unavailable`` once per backlog, through Redis,
+  as for a relay the queue to Redis refuses (``_redis`` rule 6): the relay was not
+  delivered, and the sender may retry.
 """
 
 from __future__ import annotations
@@ -23,6 +41,7 @@ import contextlib
 import json
 import logging
 import math
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -48,6 +67,7 @@ from ._ids import new_peer_id, new_room_id
 from ._metrics import Observer
 from ._redis import RedisLink
 from ._room import Member, Room
+from ._startup import redis_tls_context
 from ._turn import IceServers
 
 log = logging.getLogger("signald.cluster")
@@ -105,19 +125,46 @@ class _Lost:
     """The link to Redis failed: joins waiting for their event will not get it."""
 
 
+@attrs.frozen
+class _Refuse:
+    """A relay from ``sender_id``, a member on another node, to ``to`` was dropped (a full backlog)."""
+
+    sender_id: str
+    to: str
+
+
+_LinkCommand = _Event | _Relay | _Sync | _Lost | _Refuse
+
+
 def _unavailable(request_id: m.RequestId = None) -> bytes:
-    text = "the cluster is unavailable (redis unreachable); try again"
+    text = "the cluster is unavailable (redis unreachable or too far behind); try again"
     return m.encode_error(m.CLUSTER_UNAVAILABLE, text, request_id)
 
 
 class ClusterRoomTask(RoomTask):
     """A room task whose membership is decided in Redis; see the module docstring."""
 
-    def __init__(self, room: Room, link: RedisLink, clock: Callable[[], datetime], observer: Observer) -> None:
+    def __init__(
+        self,
+        room: Room,
+        link: RedisLink,
+        clock: Callable[[], datetime],
+        observer: Observer,
+        nursery: trio.Nursery,
+        backlog_bytes: int,
+    ) -> None:
         super().__init__(room, math.inf, clock, observer)  # it ends when its last local member leaves
         self._link = link
         #: Local joins sent to Redis, seated when their event arrives.
         self._pending: dict[str, _Join] = {}
+        #: Where the feeder runs (see the module docstring on the backlog).
+        self._nursery = nursery
+        self._backlog: deque[_LinkCommand] = deque()
+        #: Bytes of the relays in the backlog, at most ``_backlog_limit``.
+        self._backlog_bytes = 0
+        self._backlog_limit = backlog_bytes
+        #: Senders told of a relay dropped from this backlog (once each, per backlog).
+        self._refused: set[str] = set()
 
     def _occupied(self) -> bool:
         return bool(self._pending) or any(
@@ -184,6 +231,11 @@ class ClusterRoomTask(RoomTask):
                 pending.member.deliver(_unavailable(pending.request_id))
                 pending.done.set()
             self._pending.clear()
+        elif isinstance(command, _Refuse):
+            seat = self.room.seats.get(command.sender_id)
+            if seat is not None and isinstance(seat.member, RemoteMember):  # sent to its node as a relay
+                refusal = _unavailable()
+                self._link.relay(seat.member.node, self.room.id, command.to, command.sender_id, refusal, _ignore)
         else:  # a resume: no seat here has a resume token, so it is refused
             super()._apply(command)
 
@@ -283,13 +335,44 @@ class ClusterRoomTask(RoomTask):
                 int(room.persistent),
             )
 
-    async def feed(self, command: _Event | _Relay | _Sync | _Lost) -> None:
-        """Queue a command from the link; waits only when the room's channel is full."""
-        with contextlib.suppress(trio.BrokenResourceError):  # ended: it has no members to tell
+    def feed(self, command: _LinkCommand) -> None:
+        """Queue a command from the link, never waiting: see the module docstring on the backlog."""
+        if not self._backlog:
             try:
                 self._send.send_nowait(command)
+                return
             except trio.WouldBlock:
-                await self._send.send(command)
+                self._nursery.start_soon(self._feed_backlog, name=f"room {self.room.id} backlog")
+            except trio.BrokenResourceError:
+                return  # ended: it has no members to tell
+        if isinstance(command, _Relay):
+            if self._backlog_bytes and self._backlog_bytes + len(command.text) > self._backlog_limit:
+                if command.sender_id not in self._refused:
+                    self._refused.add(command.sender_id)
+                    self._backlog.append(_Refuse(command.sender_id, command.to))
+                    log.warning(
+                        "room %s: relays from %s dropped: more than %d bytes backlogged",
+                        self.room.id,
+                        command.sender_id,
+                        self._backlog_limit,
+                    )
+                return
+            self._backlog_bytes += len(command.text)
+        self._backlog.append(command)
+
+    async def _feed_backlog(self) -> None:
+        """Move the backlog into the channel, oldest first, as the room task makes room."""
+        backlog = self._backlog
+        try:
+            while backlog:
+                await self._send.send(backlog[0])
+                command = backlog.popleft()
+                if isinstance(command, _Relay):
+                    self._backlog_bytes -= len(command.text)
+        except trio.BrokenResourceError:
+            backlog.clear()  # the room task has ended: no member here is left to tell
+            self._backlog_bytes = 0
+        self._refused.clear()
 
 
 class ClusterHub(RoomHub):
@@ -300,11 +383,17 @@ class ClusterHub(RoomHub):
     ) -> None:
         super().__init__(config.rooms, nursery, ice=IceServers.from_config(config.ice), observer=observer)
         self._link = link
+        #: Each room's backlog bound (see the module docstring).
+        self._backlog_limit = config.limits.send_queue_bytes
         link.attach(self)
 
     @property
     def problem(self) -> str | None:
         return None if self._link.available else self._link.problem
+
+    @property
+    def redis_queue_bytes(self) -> int:
+        return self._link.queued_bytes
 
     @property
     def user_count(self) -> int:
@@ -318,7 +407,7 @@ class ClusterHub(RoomHub):
             return task
         # Name and capacity arrive with the room's first event (its "meta").
         room = Room(room_id, room_id, self.config.max_participants, self._clock(), persistent=False, evicts=False)
-        task = ClusterRoomTask(room, self._link, self._clock, self._observer)
+        task = ClusterRoomTask(room, self._link, self._clock, self._observer, self._nursery, self._backlog_limit)
         self._rooms[room_id] = task
         self._nursery.start_soon(task.run, self, name=f"room {room_id}")
         return task
@@ -369,25 +458,28 @@ class ClusterHub(RoomHub):
 
     # -- what the link tells ---------------------------------------------------------
 
+    # Each hands its command to the room and returns: it never waits for a room (see the
+    # module docstring), so one room that cannot keep up delays no other.
+
     async def dispatch(self, event: dict[str, Any]) -> None:
         task = self._rooms.get(event["r"])
         if isinstance(task, ClusterRoomTask):  # else: no member here any more
-            await task.feed(_Event(event))
+            task.feed(_Event(event))
 
     async def relay(self, room: str, sender_id: str, to: str, text: bytes) -> None:
         task = self._rooms.get(room)
         if isinstance(task, ClusterRoomTask):
-            await task.feed(_Relay(sender_id, to, text, None, trio.current_time()))
+            task.feed(_Relay(sender_id, to, text, None, trio.current_time()))
 
     async def resync(self, prune: bool) -> None:
         for task in list(self._rooms.values()):
             if isinstance(task, ClusterRoomTask):
-                await task.feed(_Sync(prune))
+                task.feed(_Sync(prune))
 
     async def lost(self) -> None:
         for task in list(self._rooms.values()):
             if isinstance(task, ClusterRoomTask):
-                await task.feed(_Lost())
+                task.feed(_Lost())
 
     # -- REST and /health, from Redis --------------------------------------------------
 
@@ -414,6 +506,10 @@ class ClusterHub(RoomHub):
         raise ClusterUnavailable("could not find a free room id")
 
 
+def _ignore() -> None:
+    """A refusal lost with the link: the relay it answers was lost already."""
+
+
 def _refusal(room_id: str, outcome: list[Any] | None, max_rooms: int, request_id: m.RequestId) -> bytes:
     if outcome is None:
         return _unavailable(request_id)
@@ -434,7 +530,7 @@ async def open_cluster(config: Config) -> AsyncIterator[Callable[[trio.Nursery, 
     The link outlives the hub's room tasks, so that sessions closing at shutdown can still
     leave their rooms in Redis.
     """
-    link = RedisLink(config.cluster, config.rooms, new_peer_id())
+    link = RedisLink(config.cluster, config.rooms, new_peer_id(), redis_tls_context(config.cluster))
     log.info("cluster: this is node %s, on %s", link.node, config.cluster.redis_url)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(link.run, name="redis link")

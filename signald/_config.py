@@ -148,12 +148,23 @@ class StorageConfig:
 
 @attrs.frozen
 class ClusterConfig:
-    #: ``redis://HOST[:PORT][/DB]`` or ``unix:///path/to/redis.sock``: the Redis 7 that makes several
-    #: signald processes one server. Empty = one process on its own, no Redis.
+    #: ``redis://HOST[:PORT][/DB]``, ``rediss://HOST[:PORT][/DB]`` (TLS) or ``unix:///path/to/redis.sock``:
+    #: the Redis 7 that makes several signald processes one server. Empty = one process on its own, no Redis.
     redis_url: str = ""
     #: Seconds after which a node that stopped renewing its lease in Redis counts as dead and its
     #: members leave their rooms.
     node_timeout: float = _bounded(10.0, low=1, high=3600)
+    #: Bytes of relays and membership commands this node may have queued for Redis and not yet
+    #: had answered. Past it (a slow or stalled Redis), relays to other nodes and joins are
+    #: refused with ``cluster-unavailable``, as in an outage, instead of memory growing.
+    send_queue_bytes: int = _bounded(8 * 1024 * 1024, low=1024, high=1024 * 1024 * 1024)
+    #: With ``rediss://``: the PEM file of the CAs that signed Redis's certificate ("" = the system's
+    #: CAs). Redis's certificate must name the URL's host, as a browser would ask of a website.
+    tls_ca: str = ""
+    #: With ``rediss://``: this node's certificate and key (PEM files) for a Redis that asks clients
+    #: for one (``tls-auth-clients``, on by default in Redis); both or neither.
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 @attrs.frozen
@@ -340,9 +351,10 @@ def _check_redis_url(url: str) -> None:
         if parts.netloc or not parts.path.startswith("/") or parts.path == "/":
             raise ConfigError("cluster.redis_url", f"{url!r}: a unix socket URL is unix:///absolute/path")
         return
-    if parts.scheme != "redis" or not parts.hostname:
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
         raise ConfigError(
-            "cluster.redis_url", f"{url!r} is not redis://HOST[:PORT][/DB] or unix:///path/to/redis.sock"
+            "cluster.redis_url",
+            f"{url!r} is not redis://HOST[:PORT][/DB], rediss://HOST[:PORT][/DB] or unix:///path/to/redis.sock",
         )
     try:
         parts.port  # noqa: B018 (raises on a bad port)
@@ -351,6 +363,17 @@ def _check_redis_url(url: str) -> None:
     database = parts.path.strip("/")
     if database and not database.isdigit():
         raise ConfigError("cluster.redis_url", f"{url!r}: the database after the / must be a number")
+
+
+def _check_redis_tls(cluster: ClusterConfig) -> None:
+    """The TLS keys go with a rediss:// URL; whether the files load is ``_startup``'s to check."""
+    tls = urlsplit(cluster.redis_url).scheme == "rediss"
+    for key in ("tls_ca", "tls_cert", "tls_key"):
+        if getattr(cluster, key) and not tls:
+            raise ConfigError(f"cluster.{key}", "only used with a rediss:// redis_url (TLS to Redis)")
+    if bool(cluster.tls_cert) != bool(cluster.tls_key):
+        missing, given = ("tls_key", "tls_cert") if cluster.tls_cert else ("tls_cert", "tls_key")
+        raise ConfigError(f"cluster.{missing}", f"required when cluster.{given} is set")
 
 
 def _check_turn(ice: IceConfig) -> None:
@@ -446,6 +469,13 @@ def _check(config: Config) -> Config:
         _check_redis_url(config.cluster.redis_url)
         if config.storage.path:
             raise ConfigError("storage.path", "not used with cluster.redis_url (Redis keeps the rooms): remove one")
+        if config.cluster.send_queue_bytes < config.limits.max_message_bytes:
+            raise ConfigError(
+                "cluster.send_queue_bytes",
+                f"must be at least limits.max_message_bytes ({config.limits.max_message_bytes}), or no relay"
+                " of the largest message could reach another node",
+            )
+    _check_redis_tls(config.cluster)
     _check_turn(config.ice)
     if config.metrics.bind:
         split_bind(config.metrics.bind)

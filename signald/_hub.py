@@ -392,6 +392,11 @@ class RoomHub:
         """Why the server cannot do all it should (shown by /health), or None."""
         return None
 
+    @property
+    def redis_queue_bytes(self) -> int:
+        """Bytes queued for Redis and not yet answered (cluster mode; 0 for one process)."""
+        return 0
+
     async def rooms(self) -> list[RoomInfo]:
         return [RoomInfo.of(task.room) for task in self._rooms.values()]
 

@@ -65,6 +65,8 @@ class State:
     members: int
     #: Cluster mode only: whether this node cannot reach Redis (see ``/health``); None otherwise.
     cluster_degraded: bool | None = None
+    #: Cluster mode only: bytes queued for Redis and not yet answered (``cluster.send_queue_bytes``).
+    cluster_send_queue_bytes: int | None = None
 
 
 class Observer:
@@ -187,6 +189,13 @@ class Metrics(Observer, Collector):
                 "signald_cluster_degraded",
                 "1 while this node cannot reach Redis and serves its local rooms only (cluster mode).",
                 value=int(state.cluster_degraded),
+            )
+        if state.cluster_send_queue_bytes is not None:
+            yield GaugeMetricFamily(
+                "signald_cluster_send_queue_bytes",
+                "Bytes this node has queued for Redis and not yet had answered; at cluster.send_queue_bytes,"
+                " relays to other nodes and joins are refused with cluster-unavailable (cluster mode).",
+                value=state.cluster_send_queue_bytes,
             )
         build = GaugeMetricFamily("signald_build_info", "The running signald.", labels=["version"])
         build.add_metric([__version__], 1)

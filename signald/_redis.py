@@ -24,6 +24,18 @@ Design rules:
 5. **Dead nodes.** Each node renews a lease every ``node_timeout / 3``; every node sweeps
    for nodes whose lease has expired and removes their members (the script re-checks the
    lease, so a node that came back is never swept).
+6. **A slow Redis costs bounded memory.** What is queued for Redis and not yet answered is
+   bounded by ``cluster.send_queue_bytes`` (an empty queue takes any one item: a relay of the
+   largest message, with its ids, may be a little over the smallest bound that config allows,
+   and refusing it there would refuse it forever). The first item that does not fit makes the queue
+   *full*, and until Redis answers the batch in flight, Redis counts as unavailable for
+   everything that would be queued (not only for items too big for what is left, so a small
+   join does not slip in to wait behind a stalled Redis): a relay to another node is refused
+   (``cluster-unavailable`` to its sender), a join or a room creation is told "unavailable",
+   exactly as in an outage, while relays between members of this node go on (they never
+   enter the queue). A leave refused so is kept, as in an outage, and queued again once a
+   batch has been answered. The queue is counted in bytes, not items: a relay's frame can be
+   64 KiB or 100 bytes, and memory is what the bound is for.
 
 Room keys share the ``{room}`` hash tag. The script also touches global keys (the room index,
 the user count, the node registry), so on a Redis Cluster those would move to a step of
@@ -35,6 +47,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -254,6 +267,8 @@ class _Item:
     """One queued Redis command: a script call or a relay."""
 
     args: tuple[Any, ...]
+    #: What it counts against ``cluster.send_queue_bytes``: the bytes it sends.
+    size: int
     done: trio.Event | None = None
     result: Any = None
     on_fail: Callable[[], None] | None = None
@@ -273,18 +288,28 @@ def _ms() -> int:
 class RedisLink:
     """The node's connection to Redis, kept up by ``run``; see the module docstring."""
 
-    def __init__(self, config: ClusterConfig, rooms: RoomsConfig, node: str) -> None:
+    def __init__(
+        self, config: ClusterConfig, rooms: RoomsConfig, node: str, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.node = node
         self._url = config.redis_url
+        #: For a rediss:// URL (``_startup.redis_tls_context``).
+        self._tls = tls
         self._timeout = config.node_timeout
         self._rooms = rooms
         self._listener: Listener | None = None
         self._attached = trio.Event()
         self._client: coredis.Redis[str] | None = None
         self._sha = ""
+        # Unbounded in items, bounded in bytes by ``_enqueue``: see rule 6.
         self._send, self._receive = trio.open_memory_channel[_Item](math.inf)
         self._in_flight: list[_Item] = []
-        #: Leaves that could not reach Redis: sent first when it is back.
+        self._queue_limit = config.send_queue_bytes
+        #: Bytes of the items queued or in flight (sent, reply not yet read).
+        self.queued_bytes = 0
+        #: The queue refused an item: it refuses every item until Redis answers a batch.
+        self._full = False
+        #: Leaves that could not reach Redis (or found the queue full): sent when it is back (or has room).
         self._orphans: set[tuple[str, str]] = set()
         self.available = False
         #: Connected since the last loss: the listener must hear of the next one.
@@ -303,26 +328,36 @@ class RedisLink:
     def _keys(self, room: str, node: str) -> list[str]:
         return [*room_keys(room), ROOM_INDEX, USER_COUNT, *node_keys(node), NODES]
 
-    def _script(self, operation: str, room: str, *args: Any, node: str | None = None) -> tuple[Any, ...]:
+    def _script(self, operation: str, room: str, *args: Any, node: str | None = None) -> _Item:
         node = node or self.node
-        return ("script", self._keys(room, node), [operation, room, node, *map(str, args)])
+        keys, argv = self._keys(room, node), [operation, room, node, *map(str, args)]
+        return _Item(("script", keys, argv), sum(map(len, keys)) + sum(map(len, argv)))
+
+    def _enqueue(self, item: _Item) -> bool:
+        """Queue ``item`` for the writer; False if Redis is away or the queue is full (rule 6)."""
+        if not self.available or self._full:
+            return False
+        if self.queued_bytes and self.queued_bytes + item.size > self._queue_limit:
+            self._full = True  # cleared when a batch is answered: there is one in flight
+            return False
+        self.queued_bytes += item.size
+        self._send.send_nowait(item)
+        return True
 
     async def call(self, operation: str, room: str, *args: Any) -> Any:
-        """Run a script operation in this node's order; its reply, or None if Redis is away."""
-        if not self.available:
+        """Run a script operation in this node's order; its reply, or None if Redis is unavailable."""
+        item = self._script(operation, room, *args)
+        item.done = trio.Event()
+        if not self._enqueue(item):
             return None
-        item = _Item(self._script(operation, room, *args), trio.Event())
-        self._send.send_nowait(item)
-        assert item.done is not None
         await item.done.wait()
         return item.result
 
     def submit(self, operation: str, room: str, *args: Any, on_fail: Callable[[], None] | None = None) -> bool:
-        """Queue a script operation whose reply nobody waits for; False if Redis is away."""
-        if not self.available:
-            return False
-        self._send.send_nowait(_Item(self._script(operation, room, *args), on_fail=on_fail))
-        return True
+        """Queue a script operation whose reply nobody waits for; False if Redis is unavailable."""
+        item = self._script(operation, room, *args)
+        item.on_fail = on_fail
+        return self._enqueue(item)
 
     def relay(self, node: str, room: str, sender_id: str, to: str, text: bytes, on_fail: Callable[[], None]) -> bool:
         """Send a relay to ``node`` in this node's order; False now if Redis is away, ``on_fail`` if lost.
@@ -332,24 +367,26 @@ class RedisLink:
         newline, so the receiver splits it without parsing JSON; relays queued together for one
         node travel in one message.
         """
-        if not self.available:
-            return False
         line = b"\t".join((room.encode(), sender_id.encode(), to.encode(), text))
-        self._send.send_nowait(_Item(("relay", channel(node), line), on_fail=on_fail))
-        return True
+        return self._enqueue(_Item(("relay", channel(node), line), len(line), on_fail=on_fail))
 
     async def leave(self, room: str, peer_id: str) -> bool:
         """``peer_id`` leaves ``room`` in Redis (whose event removes it from the room task)."""
         return await self.call("leave", room, peer_id, _ms(), self._idle_ms()) is not None
 
     def leave_soon(self, room: str, peer_id: str) -> None:
-        """Make sure ``peer_id`` leaves ``room`` in Redis, now or once Redis is back."""
+        """Make sure ``peer_id`` leaves ``room`` in Redis, now or once Redis is back (or the queue has room)."""
 
         def orphan() -> None:
             self._orphans.add((room, peer_id))
 
         if not self.submit("leave", room, peer_id, _ms(), self._idle_ms(), on_fail=orphan):
             orphan()
+
+    def _send_orphans(self) -> None:
+        orphans, self._orphans = sorted(self._orphans), set()
+        for room, peer_id in orphans:
+            self.leave_soon(room, peer_id)
 
     def _idle_ms(self) -> int:
         return int(self._rooms.idle_ttl * 1000)
@@ -446,16 +483,19 @@ class RedisLink:
                 self._receive.receive_nowait().fail()
             except trio.WouldBlock:
                 break
+        self.queued_bytes, self._full = 0, False
         return was_up
 
     def _connect(self) -> coredis.Redis[str]:
         timeout = self._timeout / 3
+        tls: dict[str, Any] = {"ssl_context": self._tls} if self._tls is not None else {}
         return coredis.Redis.from_url(
             self._url,
             decode_responses=True,
             connect_timeout=timeout,
             stream_timeout=timeout,
             retry_policy=coredis.retry.NoRetryPolicy(),
+            **tls,
         )
 
     async def _connected(self) -> None:
@@ -481,9 +521,7 @@ class RedisLink:
             await self._renew(client)
             self._client, self.available, self.problem, self._up = client, True, None, True
             log.info("cluster: node %s connected to redis", self.node)
-            orphans, self._orphans = sorted(self._orphans), set()
-            for room, peer_id in orphans:
-                self.leave_soon(room, peer_id)
+            self._send_orphans()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write, client)
                 nursery.start_soon(self._keep_lease, client)
@@ -531,6 +569,10 @@ class RedisLink:
                 if item.done is not None:
                     item.done.set()
             self._in_flight = []
+            self.queued_bytes -= sum(item.size for item in batch)
+            self._full = False
+            if self._orphans:  # leaves the full queue refused: there is room for them now
+                self._send_orphans()
 
     @staticmethod
     def _flush(pipe: Any, relays: dict[str, list[bytes]]) -> None:
@@ -599,4 +641,10 @@ def _first_message(group: BaseExceptionGroup[Any]) -> str:
     while leaves and isinstance(leaves[0], BaseExceptionGroup):
         leaves = leaves[0].exceptions
     first = leaves[0] if leaves else group
-    return str(first) or type(first).__name__
+    text = str(first) or type(first).__name__
+    cause = first.__cause__  # coredis wraps why it could not connect (a refused certificate, say)
+    while cause is not None and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text += f" ({cause})"
+    return text

@@ -185,8 +185,10 @@ class Server:
         )
 
     def _state(self) -> State:
-        degraded = self._hub.problem is not None if self.config.cluster.redis_url else None
-        return State(len(self._websockets), len(self._hub), self._hub.user_count, degraded)
+        if not self.config.cluster.redis_url:
+            return State(len(self._websockets), len(self._hub), self._hub.user_count)
+        hub = self._hub
+        return State(len(self._websockets), len(hub), hub.user_count, hub.problem is not None, hub.redis_queue_bytes)
 
     def status(self) -> str:
         """One line for ``systemctl status``."""

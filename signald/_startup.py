@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import socket
 import ssl
+from urllib.parse import urlsplit
 
-from ._config import Config, ConfigError, ServerConfig, split_bind
+from ._config import ClusterConfig, Config, ConfigError, ServerConfig, split_bind
 
 
 def _read(key: str, path: str) -> str:
@@ -34,30 +35,53 @@ def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
     Browsers allow getUserMedia only on secure origins, so a VM without a TLS-terminating
     proxy in front needs this. Python's defaults (TLS 1.2 or newer, its cipher list) apply.
     """
-    cert, key = config.tls_cert, config.tls_key
-    if not cert:
+    if not config.tls_cert:
         return None
-    cert_text, key_text = _read("server.tls_cert", cert), _read("server.tls_key", key)
-    try:
-        ssl.create_default_context().load_verify_locations(cadata=cert_text)
-    except (ssl.SSLError, ValueError):
-        raise ConfigError(
-            "server.tls_cert", f"{cert}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
-        ) from None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.set_alpn_protocols(["http/1.1"])
+    _load_chain(context, "server", config.tls_cert, config.tls_key)
+    return context
+
+
+def _check_certificates(key: str, path: str) -> None:
+    text = _read(key, path)
+    try:
+        ssl.create_default_context().load_verify_locations(cadata=text)
+    except (ssl.SSLError, ValueError):
+        raise ConfigError(key, f"{path}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)") from None
+
+
+def _load_chain(context: ssl.SSLContext, section: str, cert: str, key: str) -> None:
+    """``section``'s ``tls_cert`` and ``tls_key`` into ``context``, or a ConfigError naming the key."""
+    cert_key, key_key = f"{section}.tls_cert", f"{section}.tls_key"
+    _check_certificates(cert_key, cert)
+    key_text = _read(key_key, key)
     try:
         context.load_cert_chain(cert, key, password=_no_passphrase)
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
-            raise ConfigError("server.tls_key", f"{key}: is not the private key of the certificate in {cert}") from None
+            raise ConfigError(key_key, f"{key}: is not the private key of the certificate in {cert}") from None
         if "ENCRYPTED" in key_text:
-            raise ConfigError(
-                "server.tls_key", f"{key}: is encrypted with a passphrase; signald needs it without"
-            ) from None
-        raise ConfigError("server.tls_key", f"{key}: holds no PEM private key (-----BEGIN PRIVATE KEY-----)") from None
+            raise ConfigError(key_key, f"{key}: is encrypted with a passphrase; signald needs it without") from None
+        raise ConfigError(key_key, f"{key}: holds no PEM private key (-----BEGIN PRIVATE KEY-----)") from None
     except OSError as exc:  # the file changed between the two reads
-        raise ConfigError("server.tls_key", f"{key}: cannot read: {exc.strerror or exc}") from None
+        raise ConfigError(key_key, f"{key}: cannot read: {exc.strerror or exc}") from None
+
+
+def redis_tls_context(config: ClusterConfig) -> ssl.SSLContext | None:
+    """TLS to Redis for a ``rediss://`` URL: Redis's certificate verified, host name included.
+
+    coredis, given only the URL, would not check that the certificate names the host; so the
+    context is made here, as strict as a browser's, and handed to it.
+    """
+    if urlsplit(config.redis_url).scheme != "rediss":
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if config.tls_ca:
+        _check_certificates("cluster.tls_ca", config.tls_ca)
+        context.load_verify_locations(cafile=config.tls_ca)
+    if config.tls_cert:
+        _load_chain(context, "cluster", config.tls_cert, config.tls_key)
     return context
 
 
@@ -84,8 +108,9 @@ def resolve_metrics_address(bind: str) -> None:
 
 
 def check(config: Config) -> None:
-    """Load the TLS certificate and key and resolve the listen addresses, as starting would."""
+    """Load the TLS certificates and keys and resolve the listen addresses, as starting would."""
     tls_context(config.server)
+    redis_tls_context(config.cluster)
     resolve_listen_address(config.server)
     if config.metrics.enabled and config.metrics.bind:
         resolve_metrics_address(config.metrics.bind)

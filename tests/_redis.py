@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import math
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import attrs
 import trio
 
-from ._clients import TIMEOUT
+from ._clients import TIMEOUT, free_port
 
 #: Pause between looks at observable state (a socket, a log file, /health) that no event announces.
 POLL = 0.02
@@ -28,21 +30,42 @@ async def poll_until(check: Callable[[], Awaitable[bool]], what: str, within: fl
     raise AssertionError(f"not within {within:g} s: {what}")
 
 
+@attrs.frozen
+class RedisTls:
+    """Redis's own TLS files (PEM): its certificate and key, and the CA its clients' certificates need."""
+
+    cert: Path
+    key: Path
+    client_ca: Path
+
+
 class RedisServer:
     """One redis-server on ``directory``/redis.sock; ``stop`` and ``start`` again at will.
 
     With ``persistent`` it keeps an append-only file in ``directory`` (fsync always, so a
-    ``stop`` loses nothing); without, a restart comes back empty.
+    ``stop`` loses nothing); without, a restart comes back empty. With ``tls`` it also listens
+    on 127.0.0.1 with TLS only, asking every client for a certificate, and ``url`` is rediss://.
     """
 
-    def __init__(self, directory: Path, persistent: bool) -> None:
+    def __init__(self, directory: Path, persistent: bool, tls: RedisTls | None = None) -> None:
         self.directory = directory
         self.persistent = persistent
         self.socket = directory / "redis.sock"
         self.url = f"unix://{self.socket}"
+        self._tls_options: list[str] = []
+        if tls is not None:
+            port = free_port()
+            self.url = f"rediss://127.0.0.1:{port}"
+            self._tls_options = [
+                "--tls-port", str(port),
+                "--tls-cert-file", str(tls.cert),
+                "--tls-key-file", str(tls.key),
+                "--tls-ca-cert-file", str(tls.client_ca),
+                "--tls-auth-clients", "yes",
+            ]  # fmt: skip
         self._process: trio.Process | None = None
 
-    def _command(self) -> list[str]:
+    def command(self) -> list[str]:
         redis = shutil.which("redis-server")
         assert redis, "redis-server is missing: scripts/install-test-packages installs it"
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
@@ -55,12 +78,13 @@ class RedisServer:
             "--save", "",
             *persistence,
             "--maxmemory-policy", "noeviction",
+            *self._tls_options,
         ]  # fmt: skip
 
     async def start(self) -> None:
         assert self._process is None
         self._process = await trio.lowlevel.open_process(
-            self._command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         process = self._process
 
@@ -87,16 +111,25 @@ class RedisServer:
             await self._process.wait()
         self._process = None
 
+    def pause(self) -> None:
+        """SIGSTOP: still connected, but reading and answering nothing (a stuck or swamped Redis)."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         if self._process is not None and self._process.returncode is None:
             self._process.kill()
 
 
 @asynccontextmanager
-async def redis_server(*, persistent: bool = False) -> AsyncIterator[RedisServer]:
+async def redis_server(*, persistent: bool = False, tls: RedisTls | None = None) -> AsyncIterator[RedisServer]:
     """A fresh server in its own short-named directory (a unix socket path has ~100 bytes)."""
     with tempfile.TemporaryDirectory(prefix="signald-redis-", dir="/tmp") as directory:
-        server = RedisServer(Path(directory), persistent)
+        server = RedisServer(Path(directory), persistent, tls)
         await server.start()
         try:
             yield server

@@ -1,8 +1,10 @@
 """What only a cluster has: nodes that die and a Redis that goes away, with real processes.
 
 Each test runs a real redis-server and two signald processes (tests/_nodes.py), with
-``cluster.node_timeout`` at 2 s so that every bound below stays short. Waits are on what a
-client or an operator can observe (frames, /health, GET /api/rooms/:id), each bounded.
+``cluster.node_timeout`` at 2 s so that every bound below stays short; the test of a Redis
+that stops reading runs two nodes in the test's process instead (tests/_topology.py), with a
+long ``node_timeout``, so that the queue fills before the link gives up. Waits are on what a
+client or an operator can observe (frames, /health, /metrics, GET /api/rooms/:id), each bounded.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import trio
 from ._clients import TIMEOUT, Client, connect, http_request
 from ._nodes import NODE_TIMEOUT, Node, node_factory
 from ._redis import RedisServer, poll_until, redis_server
+from ._topology import serve
+from .conftest import make_config
 
 #: How long after its cause the cluster must be consistent again: node_timeout, plus a few
 #: seconds for the sweep, the reconnection and a loaded shared machine.
@@ -289,3 +293,96 @@ async def test_concurrent_joins_on_three_processes_keep_capacity_and_one_order(t
             later = [f["peerId"] for f in watcher.frames[1:] if f["type"] == "user-joined"]
             orders.append([p["peerId"] for p in joined["participants"]] + [joined["peerId"], *later])
         assert all(order == orders[0] for order in orders), orders
+
+
+def queued_bytes(metrics: bytes) -> float:
+    [line] = [line for line in metrics.decode().splitlines() if line.startswith("signald_cluster_send_queue_bytes ")]
+    return float(line.split()[1])
+
+
+async def test_a_redis_that_stops_reading_fills_a_bounded_queue_then_relays_are_refused() -> None:
+    """Past ``cluster.send_queue_bytes`` queued for Redis, what needs Redis is refused, as in an outage.
+
+    Redis is SIGSTOPped: connected, reading nothing. ``node_timeout`` is long (the link would
+    give up after a third of it), so what the test sees is the bound, not a lost connection.
+    """
+    bound = 16384
+    sections = {
+        "cluster": {"node_timeout": 60, "send_queue_bytes": bound},
+        "limits": {"max_message_bytes": 4096},
+        "metrics": {"enabled": True},
+    }
+    sdp = "v=0 " + "x" * 3000
+    async with redis_server() as redis, trio.open_nursery() as nursery:
+        configs = [make_config(**{**sections, "cluster": {**sections["cluster"], "redis_url": redis.url}})] * 2
+        topology = await serve(nursery, configs)
+        one, two = topology.ports
+        async with connect(one) as a, connect(one) as a2, connect(two) as b:
+            await a.join("r", "a")
+            await a2.join("r", "a2")
+            await b.join("r", "b")
+            await a.expect("user-joined", peerId=a2.peer_id)
+            await a.expect("user-joined", peerId=b.peer_id)
+            await a2.expect("user-joined", peerId=b.peer_id)
+            redis.pause()
+            try:
+                refused: list[int] = []
+                sent = 0
+                while not refused:  # ~16 KiB / 3 KB: refused within a handful of relays
+                    assert sent < 100, "the queue to a stalled Redis never filled"
+                    await a.send(type="webrtc-offer", to=b.peer_id, sdp=f"{sent} {sdp}", requestId=sent)
+                    sent += 1
+                    for message in await a.messages_before_pong():
+                        assert (message["type"], message["code"]) == ("error", "cluster-unavailable"), message
+                        refused.append(message["requestId"])
+                status, _, metrics = await http_request(one, "GET", "/metrics")
+                assert status == 200 and bound - 4096 < queued_bytes(metrics) <= bound
+                # Relays between members of one node never wait for Redis.
+                await a.send(type="webrtc-offer", to=a2.peer_id, sdp="same node")
+                await a2.expect("webrtc-offer", **{"from": a.peer_id, "sdp": "same node"})
+                # A join is refused too, as while Redis is unreachable.
+                async with connect(one) as late:
+                    await late.send(type="join-room", roomId="r", username="late", requestId="j")
+                    await late.expect("error", code="cluster-unavailable", requestId="j")
+            finally:
+                redis.resume()
+            # What was queued arrives, in order; what was refused never does.
+            refused += [m["requestId"] for m in await a.messages_before_pong()]
+            accepted = [i for i in range(sent) if i not in refused]
+            assert accepted and accepted == list(range(len(accepted)))  # the queue filled, then all refused
+            for i in accepted:
+                offer = await b.expect("webrtc-offer")
+                assert offer["sdp"].split()[0] == str(i)
+
+            async def drained() -> bool:
+                return queued_bytes((await http_request(one, "GET", "/metrics"))[2]) == 0
+
+            await poll_until(drained, "the queue to Redis is empty again")
+            await a.send(type="webrtc-offer", to=b.peer_id, sdp="after")
+            await b.expect("webrtc-offer", sdp="after")
+            await connect_and_join(one, "r", "late")
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_smallest_queue_to_redis_still_carries_the_largest_message() -> None:
+    """``cluster.send_queue_bytes`` may equal ``limits.max_message_bytes``: such a relay still crosses."""
+    sections: dict[str, Any] = {"limits": {"max_message_bytes": 1024}}
+    async with redis_server() as redis, trio.open_nursery() as nursery:
+        cluster = {"redis_url": redis.url, "node_timeout": 2, "send_queue_bytes": 1024}
+        topology = await serve(nursery, [make_config(**sections, cluster=cluster)] * 2)
+        one, two = topology.ports
+        async with connect(one) as a, connect(two) as b:
+            await a.join("r", "a")
+            await b.join("r", "b")
+            await a.expect("user-joined", peerId=b.peer_id)
+            head = json.dumps({"type": "webrtc-offer", "to": b.peer_id, "sdp": ""})
+            sdp = "x" * (1024 - len(head))  # the message is exactly max_message_bytes long
+            for _ in range(3):
+                await a.send(type="webrtc-offer", to=b.peer_id, sdp=sdp)
+                assert (await b.expect("webrtc-offer"))["sdp"] == sdp
+        nursery.cancel_scope.cancel()
+
+
+async def connect_and_join(port: int, room: str, name: str) -> None:
+    async with connect(port) as client:
+        await client.join(room, name)

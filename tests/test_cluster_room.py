@@ -7,6 +7,7 @@ asks the link to send, for each of them.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -16,8 +17,8 @@ import trio
 import trio.testing
 
 from signald._cluster import ClusterHub
-from signald._config import Config, RoomsConfig
-from signald._hub import ResumeFailed
+from signald._config import Config, LimitsConfig, RoomsConfig
+from signald._hub import CHANNEL_SIZE, ResumeFailed
 
 from .test_room import NOW, FakeMember
 
@@ -84,7 +85,7 @@ async def joined(hub: ClusterHub, member: FakeMember, event: dict[str, Any], nur
     outcome: list[Any] = []
 
     async def join() -> None:
-        outcome.append(await hub.join("r", member, "rq"))
+        outcome.append(await hub.join(event["r"], member, "rq"))
 
     nursery.start_soon(join)
     await settle()
@@ -94,8 +95,8 @@ async def joined(hub: ClusterHub, member: FakeMember, event: dict[str, Any], nur
     return outcome
 
 
-def make_hub(nursery: trio.Nursery, link: FakeLink) -> ClusterHub:
-    return ClusterHub(Config(rooms=RoomsConfig()), nursery, link)  # type: ignore[arg-type]
+def make_hub(nursery: trio.Nursery, link: FakeLink, config: Config | None = None) -> ClusterHub:
+    return ClusterHub(config or Config(rooms=RoomsConfig()), nursery, link)  # type: ignore[arg-type]
 
 
 async def test_join_is_seated_when_its_event_returns_and_lists_members_of_other_nodes() -> None:
@@ -280,4 +281,78 @@ async def test_resume_is_refused_in_cluster_mode_and_a_lost_connection_leaves_th
             await hub.resume("any-token", lambda peer_id, username: FakeMember(peer_id, username))
         await task.suspend(a, [], 1024)
         assert link.calls[-1][:3] == ("leave", "r", "a")
+        nursery.cancel_scope.cancel()
+
+
+@attrs.define
+class LoggingMember:
+    """A member whose frames go to a log shared with other members: who got what, in what order."""
+
+    peer_id: str
+    username: str
+    deliveries: list[tuple[str, dict[str, Any]]]
+
+    def deliver(self, text: bytes) -> bool:
+        self.deliveries.append((self.peer_id, json.loads(text)))
+        return True
+
+    def superseded(self) -> list[bytes]:
+        return []
+
+    @property
+    def frames(self) -> list[dict[str, Any]]:
+        return [frame for who, frame in self.deliveries if who == self.peer_id]
+
+
+def candidate(i: int) -> bytes:
+    """A relay from b (on the other node), numbered, 100 bytes long."""
+    return json.dumps({"type": "ice-candidate", "from": "b", "candidate": {"candidate": f"{i:056d}"}}).encode()
+
+
+async def test_a_room_that_cannot_keep_up_delays_no_other_room() -> None:
+    """The link's one reader hands every room its commands without waiting for any room."""
+    async with trio.open_nursery() as nursery:
+        hub = make_hub(nursery, FakeLink())
+        deliveries: list[tuple[str, dict[str, Any]]] = []
+        busy, calm = LoggingMember("x", "X", deliveries), LoggingMember("y", "Y", deliveries)
+        await joined(hub, busy, join_event("x", HERE, others=[("b", THERE)]), nursery)
+        await joined(hub, calm, {**join_event("y", HERE, others=[("b", THERE)]), "r": "calm"}, nursery)
+        deliveries.clear()
+        flood = 5 * CHANNEL_SIZE  # far more than the busy room's channel holds
+        for i in range(flood):  # as the reader gets them: all at once, no checkpoint in between
+            await hub.relay("r", "b", "x", candidate(i))
+        await hub.relay("calm", "b", "y", b'{"type":"webrtc-offer","from":"b","sdp":"calm"}')
+        await settle()
+        to_busy = [frame["candidate"]["candidate"] for who, frame in deliveries if who == "x"]
+        assert to_busy == [f"{i:056d}" for i in range(flood)]  # all of them, in order: the backlog held them
+        [calm_at] = [n for n, (who, _) in enumerate(deliveries) if who == "y"]
+        assert calm_at < CHANNEL_SIZE, "the calm room's relay waited for the busy room's backlog"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_full_backlog_drops_relays_tells_their_sender_and_keeps_membership_events() -> None:
+    limits = LimitsConfig(max_message_bytes=1024, send_queue_bytes=1024)  # the backlog's bound too
+    async with trio.open_nursery() as nursery:
+        link = FakeLink()
+        hub = make_hub(nursery, link, Config(rooms=RoomsConfig(), limits=limits))
+        x = FakeMember("x", "X", capacity=100_000)
+        await joined(hub, x, join_event("x", HERE, others=[("b", THERE)]), nursery)
+        x.frames.clear()
+        # One handed to the waiting room task, a channel full, then 1024 bytes of backlog.
+        fits = 1 + CHANNEL_SIZE + 1024 // len(candidate(0))
+        for i in range(fits + 5):
+            await hub.relay("r", "b", "x", candidate(i))
+        await hub.dispatch(join_event("c", THERE))  # never dropped, whatever the backlog holds
+        await hub.relay("r", "b", "x", candidate(-1))  # dropped too: the backlog is still full
+        await settle()
+        assert [f["candidate"]["candidate"] for f in x.frames[:-1]] == [f"{i:056d}" for i in range(fits)]
+        assert x.frames[-1] == {"type": "user-joined", "roomId": "r", "peerId": "c", "username": "C"}
+        # b's node is told, once, as a relay from x to b: b gets cluster-unavailable.
+        [(node, room, sender, to, refusal)] = link.relayed
+        assert (node, room, sender, to) == (THERE, "r", "x", "b")
+        assert json.loads(refusal)["code"] == "cluster-unavailable"
+        # The backlog is empty again: relays go through.
+        await hub.relay("r", "b", "x", candidate(fits))
+        await settle()
+        assert x.frames[-1]["candidate"]["candidate"] == f"{fits:056d}"
         nursery.cancel_scope.cancel()

@@ -32,9 +32,12 @@ def test_defaults_match_the_documented_ones() -> None:
     assert (config.auth.secret, config.auth.api_keys) == ("", ())  # access control is off by default
     # One process on its own: no Redis, no shared port.
     assert (config.cluster.redis_url, config.cluster.node_timeout, config.server.reuse_port) == ("", 10.0, False)
+    assert config.cluster.send_queue_bytes == 8 * 1024 * 1024
 
 
-@pytest.mark.parametrize("url", ["redis://127.0.0.1", "redis://redis.internal:6380/2", "unix:///run/redis/r.sock"])
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1", "redis://redis.internal:6380/2", "rediss://redis.internal:6380/1", "unix:///run/redis/r.sock"]
+)
 def test_redis_urls_accepted(url: str) -> None:
     assert structure({"cluster": {"redis_url": url}}).cluster.redis_url == url
 
@@ -99,6 +102,13 @@ def test_example_file_is_valid_and_complete() -> None:
         ({"cluster": {"redis_url": "redis://h:6379/zero"}}, "cluster.redis_url", "database"),
         ({"cluster": {"redis_url": "unix://relative.sock"}}, "cluster.redis_url", "unix:///absolute/path"),
         ({"cluster": {"node_timeout": 0.5}}, "cluster.node_timeout", "at least 1"),
+        ({"cluster": {"send_queue_bytes": 100}}, "cluster.send_queue_bytes", "at least 1024"),
+        ({"cluster": {"send_queue_bytes": "8M"}}, "cluster.send_queue_bytes", "expected an integer"),
+        (
+            {"cluster": {"redis_url": "redis://h", "send_queue_bytes": 4096}, "limits": {"max_message_bytes": 8192}},
+            "cluster.send_queue_bytes",
+            "at least limits.max_message_bytes (8192)",
+        ),
         ({"cluster": {"redis_url": "redis://h", "x": 1}}, "cluster.x", "unknown key"),
         (
             {"cluster": {"redis_url": "unix:///run/redis.sock"}, "storage": {"path": "rooms.db"}},

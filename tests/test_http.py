@@ -1,4 +1,12 @@
-"""REST routes, CORS, and the HTTP transport (keep-alive, malformed input, timeouts, limits)."""
+"""REST routes, CORS, and the HTTP transport (keep-alive, malformed input, timeouts, limits).
+
+Tests that take ``topology`` run twice: against one process, and against two cluster nodes
+on a real Redis (tests/_topology.py), where what one node is asked must show the whole
+cluster (a room created on one node is listed and joinable on the other, /health counts
+every node's rooms and members). The tests that take ``server`` are about one process's
+HTTP transport, which a cluster does not change: body and head limits, malformed or slow
+requests, routing without state, the WebSocket upgrade's validation and its 101.
+"""
 
 from __future__ import annotations
 
@@ -12,51 +20,64 @@ import trio
 
 from signald import Server
 
-from ._clients import TIMEOUT, connect, http_request, joined_pair, read_response
+from ._clients import TIMEOUT, http_request, joined_pair, read_response
+from ._topology import Topology
 
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3})?Z")
 
 
-async def test_health(server: Server) -> None:
-    assert server.port
-    status, headers, body = await http_request(server.port, "GET", "/health")
-    assert status == 200
-    assert headers["content-type"] == "application/json"
-    assert set(body) == {"status", "rooms", "users", "timestamp"}
-    assert body["status"] == "healthy" and body["rooms"] == 0 and body["users"] == 0
-    assert TIMESTAMP.fullmatch(body["timestamp"])
-    async with connect(server.port) as a, connect(server.port) as b, connect(server.port):
+async def test_health(topology: Topology) -> None:
+    for port in topology.ports:
+        status, headers, body = await http_request(port, "GET", "/health")
+        assert status == 200
+        assert headers["content-type"] == "application/json"
+        assert set(body) == {"status", "rooms", "users", "timestamp"}
+        assert body["status"] == "healthy" and body["rooms"] == 0 and body["users"] == 0
+        assert TIMESTAMP.fullmatch(body["timestamp"])
+    async with topology.connect(0) as a, topology.connect(1) as b, topology.connect(2), topology.connect(3) as d:
         await a.join("x", "a")
         await b.join("y", "b")
-        _, _, body = await http_request(server.port, "GET", "/health")
-        assert (body["rooms"], body["users"]) == (2, 2)  # the third connection is in no room
+        await d.join("y", "d")
+        for port in topology.ports:  # every node counts every node's rooms and members
+            _, _, body = await http_request(port, "GET", "/health")
+            assert (body["rooms"], body["users"]) == (2, 3)  # the third connection is in no room
 
 
-async def test_create_list_and_get_rooms(server: Server) -> None:
-    assert server.port
-    status, headers, room = await http_request(server.port, "POST", "/api/rooms", {"name": "Daily standup"})
+async def test_create_list_and_get_rooms(topology: Topology) -> None:
+    first, last = topology.port(0), topology.port(1)  # with two nodes: made on one, seen on the other
+    status, headers, room = await http_request(first, "POST", "/api/rooms", {"name": "Daily standup"})
     assert status == 201
     assert headers["location"] == f"/api/rooms/{room['id']}"
     assert set(room) == {"id", "name", "participantCount", "maxParticipants", "createdAt"}
     assert room["name"] == "Daily standup" and room["participantCount"] == 0 and room["maxParticipants"] == 16
     assert re.fullmatch(r"[A-Za-z0-9_-]{16,64}", room["id"])  # 96 random bits
     assert TIMESTAMP.fullmatch(room["createdAt"])
-    _, _, small = await http_request(server.port, "POST", "/api/rooms", {"name": "1:1", "maxParticipants": 2})
+    _, _, small = await http_request(last, "POST", "/api/rooms", {"name": "1:1", "maxParticipants": 2})
     assert small["maxParticipants"] == 2
-    status, _, listing = await http_request(server.port, "GET", "/api/rooms")
-    assert status == 200
-    assert {r["id"] for r in listing["rooms"]} == {room["id"], small["id"]}
-    async with connect(server.port) as a:
+    for port in topology.ports:
+        status, _, listing = await http_request(port, "GET", "/api/rooms")
+        assert status == 200
+        assert {r["id"]: (r["name"], r["maxParticipants"], r["participantCount"]) for r in listing["rooms"]} == {
+            room["id"]: ("Daily standup", 16, 0),
+            small["id"]: ("1:1", 2, 0),
+        }
+    async with topology.connect(0) as a, topology.connect(1) as b:
         await a.join(room["id"], "alice")
-        status, _, detail = await http_request(server.port, "GET", f"/api/rooms/{room['id']}")
-        assert status == 200 and detail["participantCount"] == 1
-        assert detail["participants"] == [
-            {"peerId": a.peer_id, "username": "alice", "joinedAt": detail["participants"][0]["joinedAt"]}
-        ]
-        assert TIMESTAMP.fullmatch(detail["participants"][0]["joinedAt"])
+        await b.join(room["id"], "bob")
+        for port in topology.ports:  # members of every node, in join order
+            status, _, detail = await http_request(port, "GET", f"/api/rooms/{room['id']}")
+            assert status == 200 and detail["participantCount"] == 2
+            assert detail["createdAt"] == room["createdAt"] and detail["name"] == "Daily standup"
+            joined_at = [p["joinedAt"] for p in detail["participants"]]
+            assert detail["participants"] == [
+                {"peerId": a.peer_id, "username": "alice", "joinedAt": joined_at[0]},
+                {"peerId": b.peer_id, "username": "bob", "joinedAt": joined_at[1]},
+            ]
+            assert all(TIMESTAMP.fullmatch(at) for at in joined_at)
     # A POSTed room outlives its last member.
-    _, _, again = await http_request(server.port, "GET", f"/api/rooms/{room['id']}")
-    assert again["participants"] == []
+    for port in topology.ports:
+        _, _, again = await http_request(port, "GET", f"/api/rooms/{room['id']}")
+        assert again["participants"] == []
 
 
 @pytest.mark.parametrize(
@@ -76,13 +97,13 @@ async def test_create_list_and_get_rooms(server: Server) -> None:
         ({"name": "ok", "maxParticipants": True}, "invalid-body"),
     ],
 )
-async def test_create_room_rejects_bad_bodies(server: Server, body: Any, code: str) -> None:
-    assert server.port
-    status, _, reply = await http_request(server.port, "POST", "/api/rooms", body)
+async def test_create_room_rejects_bad_bodies(topology: Topology, body: Any, code: str) -> None:
+    status, _, reply = await http_request(topology.port(0), "POST", "/api/rooms", body)
     assert status == 400
     assert reply["error"] == code and reply["message"]
-    _, _, listing = await http_request(server.port, "GET", "/api/rooms")
-    assert listing["rooms"] == []
+    for port in topology.ports:
+        _, _, listing = await http_request(port, "GET", "/api/rooms")
+        assert listing["rooms"] == []
 
 
 async def test_body_over_64k_is_413(server: Server) -> None:
@@ -106,20 +127,20 @@ async def test_errors_the_transport_answers_carry_cors_headers(server_factory: C
     assert status == 404 and headers["access-control-allow-origin"] == "https://app.example"
 
 
-async def test_unknown_room_path_and_method(server: Server) -> None:
-    assert server.port
-    status, _, reply = await http_request(server.port, "GET", "/api/rooms/does-not-exist")
+async def test_unknown_room_path_and_method(topology: Topology) -> None:
+    port = topology.port(1)
+    status, _, reply = await http_request(port, "GET", "/api/rooms/does-not-exist")
     assert (status, reply["error"]) == (404, "room-not-found")
-    status, _, reply = await http_request(server.port, "GET", "/api/rooms/bad%20id")
+    status, _, reply = await http_request(port, "GET", "/api/rooms/bad%20id")
     assert (status, reply["error"]) == (404, "room-not-found")
-    status, _, reply = await http_request(server.port, "GET", "/nope")
+    status, _, reply = await http_request(port, "GET", "/nope")
     assert (status, reply["error"]) == (404, "not-found")
-    status, headers, reply = await http_request(server.port, "DELETE", "/health")
+    status, headers, reply = await http_request(port, "DELETE", "/health")
     assert (status, reply["error"]) == (405, "method-not-allowed")
     assert headers["allow"] == "GET, OPTIONS"
-    status, headers, _ = await http_request(server.port, "PUT", "/api/rooms", {})
+    status, headers, _ = await http_request(port, "PUT", "/api/rooms", {})
     assert status == 405 and headers["allow"] == "GET, POST, OPTIONS"
-    status, headers, reply = await http_request(server.port, "GET", "/ws")
+    status, headers, reply = await http_request(port, "GET", "/ws")
     assert (status, reply["error"]) == (426, "upgrade-required")
 
 
@@ -129,48 +150,54 @@ async def test_query_strings_are_ignored_for_routing(server: Server) -> None:
     assert status == 200
 
 
-async def test_cors(server_factory: Callable[..., Any]) -> None:
-    server = await server_factory(cors={"allowed_origins": ["https://app.example"]})
+async def test_cors(start_topology: Callable[..., Any]) -> None:
+    """On every node, also for answers that come from Redis (a room listing, a created room)."""
+    topology = await start_topology(cors={"allowed_origins": ["https://app.example"]})
     good = [("Origin", "https://app.example")]
     bad = [("Origin", "https://evil.example")]
-    _, headers, _ = await http_request(server.port, "GET", "/api/rooms", headers=good)
-    assert headers["access-control-allow-origin"] == "https://app.example"
-    assert headers["vary"] == "Origin"
-    _, headers, _ = await http_request(server.port, "GET", "/api/rooms", headers=bad)
-    assert "access-control-allow-origin" not in headers
-    # Errors carry CORS headers too, so the browser app can read them.
-    status, headers, _ = await http_request(server.port, "POST", "/api/rooms", b"nope", headers=good)
-    assert status == 400 and headers["access-control-allow-origin"] == "https://app.example"
-    status, headers, _ = await http_request(server.port, "GET", "/missing", headers=good)
-    assert status == 404 and headers["access-control-allow-origin"] == "https://app.example"
     preflight = [*good, ("Access-Control-Request-Method", "POST"), ("Access-Control-Request-Headers", "content-type")]
-    status, headers, _ = await http_request(server.port, "OPTIONS", "/api/rooms", headers=preflight)
-    assert status == 204
-    assert headers["access-control-allow-origin"] == "https://app.example"
-    assert "POST" in headers["access-control-allow-methods"]
-    assert "Content-Type" in headers["access-control-allow-headers"]
-    status, headers, _ = await http_request(server.port, "OPTIONS", "/api/rooms", headers=bad)
-    assert status == 403 and "access-control-allow-origin" not in headers
+    for port in topology.ports:
+        _, headers, _ = await http_request(port, "GET", "/api/rooms", headers=good)
+        assert headers["access-control-allow-origin"] == "https://app.example"
+        assert headers["vary"] == "Origin"
+        _, headers, _ = await http_request(port, "GET", "/api/rooms", headers=bad)
+        assert "access-control-allow-origin" not in headers
+        status, headers, _ = await http_request(port, "POST", "/api/rooms", {"name": "x"}, headers=good)
+        assert status == 201 and headers["access-control-allow-origin"] == "https://app.example"
+        # Errors carry CORS headers too, so the browser app can read them.
+        status, headers, _ = await http_request(port, "POST", "/api/rooms", b"nope", headers=good)
+        assert status == 400 and headers["access-control-allow-origin"] == "https://app.example"
+        status, headers, _ = await http_request(port, "GET", "/missing", headers=good)
+        assert status == 404 and headers["access-control-allow-origin"] == "https://app.example"
+        status, headers, _ = await http_request(port, "OPTIONS", "/api/rooms", headers=preflight)
+        assert status == 204
+        assert headers["access-control-allow-origin"] == "https://app.example"
+        assert "POST" in headers["access-control-allow-methods"]
+        assert "Content-Type" in headers["access-control-allow-headers"]
+        status, headers, _ = await http_request(port, "OPTIONS", "/api/rooms", headers=bad)
+        assert status == 403 and "access-control-allow-origin" not in headers
 
 
-async def test_wildcard_cors_echoes_any_origin(server: Server) -> None:
-    assert server.port
-    _, headers, _ = await http_request(server.port, "GET", "/health", headers=[("Origin", "http://localhost:5173")])
-    assert headers["access-control-allow-origin"] == "http://localhost:5173"
+async def test_wildcard_cors_echoes_any_origin(topology: Topology) -> None:
+    for port in topology.ports:
+        _, headers, _ = await http_request(port, "GET", "/health", headers=[("Origin", "http://localhost:5173")])
+        assert headers["access-control-allow-origin"] == "http://localhost:5173"
 
 
-async def test_keep_alive_serves_several_requests_on_one_connection(server: Server) -> None:
-    assert server.port
-    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-    async with stream:
-        conn = h11.Connection(h11.CLIENT)
-        for _ in range(3):
-            await stream.send_all(conn.send(h11.Request(method="GET", target="/health", headers=[("Host", "x")])))
-            await stream.send_all(conn.send(h11.EndOfMessage()))
-            with trio.fail_after(TIMEOUT):
-                status, _, body = await read_response(conn, stream)
-            assert status == 200 and body["status"] == "healthy"
-            conn.start_next_cycle()
+async def test_keep_alive_serves_several_requests_on_one_connection(topology: Topology) -> None:
+    """Requests answered from Redis (cluster mode) too: /health and a room's details."""
+    for port in topology.ports:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            conn = h11.Connection(h11.CLIENT)
+            for target in ("/health", "/api/rooms", "/api/rooms/none", "/health"):
+                await stream.send_all(conn.send(h11.Request(method="GET", target=target, headers=[("Host", "x")])))
+                await stream.send_all(conn.send(h11.EndOfMessage()))
+                with trio.fail_after(TIMEOUT):
+                    status, _, body = await read_response(conn, stream)
+                assert status == (404 if target == "/api/rooms/none" else 200)
+                assert body.get("status", "healthy") == "healthy"
+                conn.start_next_cycle()
 
 
 async def test_each_keep_alive_request_has_its_own_request_timeout(server_factory: Callable[..., Any]) -> None:

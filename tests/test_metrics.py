@@ -281,12 +281,13 @@ def test_every_error_code_in_the_protocol_is_counted() -> None:
     assert labelled(samples, "signald_errors_total", "code") == dict.fromkeys(codes, 1)
 
 
-def test_the_cluster_gauge_is_exported_in_cluster_mode_only() -> None:
+def test_the_cluster_gauges_are_exported_in_cluster_mode_only() -> None:
     single = parse(Metrics(lambda: State(0, 0, 0)).render()[0].decode())[1]
-    assert not [name for name, _ in single if name == "signald_cluster_degraded"]
-    for degraded in (False, True):
-        samples = parse(Metrics(lambda d=degraded: State(0, 0, 0, d)).render()[0].decode())[1]
+    assert not [name for name, _ in single if name.startswith("signald_cluster_")]
+    for degraded, queued in ((False, 0), (True, 4096)):
+        samples = parse(Metrics(lambda d=degraded, q=queued: State(0, 0, 0, d, q)).render()[0].decode())[1]
         assert value(samples, "signald_cluster_degraded") == int(degraded)
+        assert value(samples, "signald_cluster_send_queue_bytes") == queued
 
 
 def test_close_codes_outside_rfc_6455_share_one_label() -> None:

@@ -1,4 +1,12 @@
-"""The WebSocket protocol end to end: real server on 127.0.0.1, real clients."""
+"""The WebSocket protocol end to end: real server on 127.0.0.1, real clients.
+
+Tests that take ``topology`` run twice: against one process, and against two cluster nodes
+on a real Redis with clients alternating between them (tests/_topology.py), since a client
+must not be able to tell the two apart. The tests that take ``server`` are about one
+process's transport and timers, which a cluster does not change and which two nodes would
+only make slower: oversize frames (1009), the handshake (origin check, a frame pipelined
+with it), ping timeouts, and the debug log of one process.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +21,13 @@ from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from signald import Server
 
-from ._clients import TIMEOUT, UPGRADE_REQUEST, Client, connect, http_request, joined_pair, text_frame
+from ._clients import TIMEOUT, UPGRADE_REQUEST, Client, connect, http_request, text_frame
+from ._redis import poll_until
+from ._topology import Topology
 
 
-async def test_join_reports_others_in_join_order(server: Server) -> None:
-    assert server.port
-    async with connect(server.port) as a, connect(server.port) as b, connect(server.port) as c:
+async def test_join_reports_others_in_join_order(topology: Topology) -> None:
+    async with topology.connect(0) as a, topology.connect(1) as b, topology.connect(2) as c:
         await a.join("room", "alice")
         await b.join("room", "bob")
         joined = await c.join("room", "carol", requestId=42)
@@ -34,9 +43,8 @@ async def test_join_reports_others_in_join_order(server: Server) -> None:
         await b.expect("user-joined", peerId=c.peer_id, username="carol")
 
 
-async def test_full_offer_answer_candidate_exchange(server: Server) -> None:
-    assert server.port
-    async with joined_pair(server.port, "call") as (a, b):
+async def test_full_offer_answer_candidate_exchange(topology: Topology) -> None:
+    async with topology.joined_pair("call") as (a, b):
         await a.send(type="webrtc-offer", to=b.peer_id, sdp="offer-sdp", requestId=1)
         assert await b.recv() == {"type": "webrtc-offer", "from": a.peer_id, "sdp": "offer-sdp"}
         await b.send(type="webrtc-answer", to=a.peer_id, sdp="answer-sdp")
@@ -50,11 +58,10 @@ async def test_full_offer_answer_candidate_exchange(server: Server) -> None:
         await a.roundtrip_ping()
 
 
-async def test_leave_and_disconnect_send_user_left(server: Server) -> None:
-    assert server.port
-    async with connect(server.port) as a:
+async def test_leave_and_disconnect_send_user_left(topology: Topology) -> None:
+    async with topology.connect(0) as a:
         await a.join("r", "alice")
-        async with connect(server.port) as b:
+        async with topology.connect(1) as b:
             await b.join("r", "bob")
             await a.expect("user-joined")
             await b.send(type="leave-room")
@@ -65,18 +72,21 @@ async def test_leave_and_disconnect_send_user_left(server: Server) -> None:
         await a.expect("user-left", username="bob again")
 
 
-async def test_auto_created_room_vanishes_when_empty(server: Server) -> None:
-    assert server.port
-    async with connect(server.port) as a:
+async def test_auto_created_room_vanishes_when_empty(topology: Topology) -> None:
+    async with topology.connect(0) as a:
         await a.join("ephemeral", "alice")
-        assert server.hub.get("ephemeral") is not None
+        for port in topology.ports:
+            assert (await http_request(port, "GET", "/api/rooms/ephemeral"))[0] == 200
         await a.send(type="leave-room")
         await a.roundtrip_ping()
-    with trio.fail_after(TIMEOUT):
-        while server.hub.get("ephemeral") is not None:
-            await trio.testing.wait_all_tasks_blocked()
-    status, _, _ = await http_request(server.port, "GET", "/api/rooms/ephemeral")
-    assert status == 404
+
+    async def gone_everywhere() -> bool:
+        statuses = [(await http_request(port, "GET", "/api/rooms/ephemeral"))[0] for port in topology.ports]
+        return statuses == [404] * len(statuses)
+
+    await poll_until(gone_everywhere, "the emptied room is gone on every node")
+    for port in topology.ports:
+        assert (await http_request(port, "GET", "/api/rooms"))[2]["rooms"] == []
 
 
 async def error_of(client: Client, **message: Any) -> dict[str, Any]:
@@ -84,9 +94,8 @@ async def error_of(client: Client, **message: Any) -> dict[str, Any]:
     return await client.expect("error")
 
 
-async def test_every_protocol_error_code_and_connection_survives(server: Server) -> None:
-    assert server.port
-    async with connect(server.port) as a, connect(server.port) as b:
+async def test_every_protocol_error_code_and_connection_survives(topology: Topology) -> None:
+    async with topology.connect(0) as a, topology.connect(1) as b:
         await a.ws.send_message("{not json")
         assert (await a.expect("error"))["code"] == "invalid-json"
         await a.ws.send_message("[1, 2]")
@@ -118,9 +127,9 @@ async def test_every_protocol_error_code_and_connection_survives(server: Server)
         await a.roundtrip_ping()
 
 
-async def test_room_full(server_factory: Callable[..., Any]) -> None:
-    server = await server_factory(rooms={"max_participants": 2})
-    async with connect(server.port) as a, connect(server.port) as b, connect(server.port) as c:
+async def test_room_full(start_topology: Callable[..., Any]) -> None:
+    topology = await start_topology(rooms={"max_participants": 2})
+    async with topology.connect(0) as a, topology.connect(1) as b, topology.connect(2) as c:
         await a.join("small", "a")
         await b.join("small", "b")
         reply = await error_of(c, type="join-room", roomId="small", username="c", requestId="full")
@@ -128,12 +137,13 @@ async def test_room_full(server_factory: Callable[..., Any]) -> None:
         await c.join("other", "c")  # the refusal left c free to join elsewhere
 
 
-async def test_room_not_found_without_auto_create(server_factory: Callable[..., Any]) -> None:
-    server = await server_factory(rooms={"auto_create": False})
-    async with connect(server.port) as a:
-        reply = await error_of(a, type="join-room", roomId="nope", username="a")
-        assert reply["code"] == "room-not-found"
-        status, _, room = await http_request(server.port, "POST", "/api/rooms", {"name": "Standup"})
+async def test_room_not_found_without_auto_create(start_topology: Callable[..., Any]) -> None:
+    topology = await start_topology(rooms={"auto_create": False})
+    async with topology.connect(1) as a:
+        reply = await error_of(a, type="join-room", roomId="nope", username="a", requestId=7)
+        assert reply["code"] == "room-not-found" and reply["requestId"] == 7
+        # Created on the other node, joinable here.
+        status, _, room = await http_request(topology.port(0), "POST", "/api/rooms", {"name": "Standup"})
         assert status == 201
         await a.join(room["id"], "a")
 
@@ -162,10 +172,9 @@ async def test_handshake_with_disallowed_origin_is_403(server_factory: Callable[
         await raw.roundtrip_ping()
 
 
-async def test_order_from_a_to_b_under_a_burst_of_500(server: Server) -> None:
+async def test_order_from_a_to_b_under_a_burst_of_500(topology: Topology) -> None:
     """A normal reader is never evicted by a burst, and sees A's frames in A's order."""
-    assert server.port
-    async with joined_pair(server.port, "burst") as (a, b):
+    async with topology.joined_pair("burst") as (a, b):
         received: list[int] = []
 
         async def read_all() -> None:
@@ -183,10 +192,9 @@ async def test_order_from_a_to_b_under_a_burst_of_500(server: Server) -> None:
         await b.roundtrip_ping()
 
 
-async def test_relays_never_precede_learning_of_the_sender(server: Server) -> None:
+async def test_relays_never_precede_learning_of_the_sender(topology: Topology) -> None:
     """Members offer to a newcomer the moment they hear of it; the newcomer knew them first."""
-    assert server.port
-    async with joined_pair(server.port, "meet") as (a, b):
+    async with topology.joined_pair("meet") as (a, b):
 
         async def offer_on_join(member: Client) -> None:
             left = 0
@@ -202,7 +210,7 @@ async def test_relays_never_precede_learning_of_the_sender(server: Server) -> No
             nursery.start_soon(offer_on_join, a)
             nursery.start_soon(offer_on_join, b)
             for round_ in range(10):
-                async with connect(server.port) as newcomer:
+                async with topology.connect(round_) as newcomer:
                     await newcomer.send(type="join-room", roomId="meet", username=f"n{round_}")
                     known: set[str] = set()
                     offers = 0
@@ -217,9 +225,9 @@ async def test_relays_never_precede_learning_of_the_sender(server: Server) -> No
                     await newcomer.send(type="leave-room")
 
 
-async def test_membership_events_same_order_for_all_members(server: Server) -> None:
-    assert server.port
-    async with connect(server.port) as w1, connect(server.port) as w2, connect(server.port) as w3:
+async def test_membership_events_same_order_for_all_members(topology: Topology) -> None:
+    """Also when members join and leave concurrently on different nodes."""
+    async with topology.connect(0) as w1, topology.connect(1) as w2, topology.connect(2) as w3:
         watchers = [w1, w2, w3]
         for i, watcher in enumerate(watchers):
             await watcher.join("busy", f"w{i}")
@@ -230,7 +238,7 @@ async def test_membership_events_same_order_for_all_members(server: Server) -> N
 
         async def churn(n: int) -> None:
             for j in range(5):
-                async with connect(server.port) as temp:
+                async with topology.connect(n + j) as temp:  # with two nodes: on both at once
                     await temp.join("busy", f"t{n}-{j}")
                     await temp.send(type="leave-room")
                     await temp.messages_before_pong()
@@ -248,16 +256,16 @@ async def test_membership_events_same_order_for_all_members(server: Server) -> N
         assert sequences[0] == sequences[1] == sequences[2]
 
 
-async def test_slow_reader_is_evicted_and_room_keeps_going(server_factory: Callable[..., Any]) -> None:
-    server = await server_factory(
+async def test_slow_reader_is_evicted_and_room_keeps_going(start_topology: Callable[..., Any]) -> None:
+    topology = await start_topology(
         limits={"max_message_bytes": 65536, "send_queue_bytes": 65536, "max_sdp_length": 65536}
     )
     sdp = "x" * 60_000
     # message_queue_size=1: once one frame is buffered the slow client stops reading its socket.
     async with (
-        connect(server.port) as a,
-        connect(server.port) as b,
-        connect(server.port, message_queue_size=1) as slow,
+        topology.connect(0) as a,
+        topology.connect(1) as b,
+        topology.connect(1, message_queue_size=1) as slow,  # with two nodes, a's relays cross Redis
     ):
         await a.join("r", "a")
         await b.join("r", "b")
