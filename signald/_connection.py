@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Protocol
@@ -83,13 +84,23 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def _header_map(request: h11.Request) -> dict[str, str]:
+def _header_map(request: h11.Request) -> tuple[dict[str, str], str | None]:
+    """The request's headers by lower-case name, repeats joined with ", ", and its first ``Origin``.
+
+    One pass over h11's headers: each step of iterating them is a Python call, paid per request.
+    """
     headers: dict[str, str] = {}
+    origin: str | None = None
     for name, value in request.headers:
         key = name.decode("latin-1")
         text = value.decode("latin-1")
-        headers[key] = f"{headers[key]}, {text}" if key in headers else text
-    return headers
+        if key in headers:
+            headers[key] = f"{headers[key]}, {text}"
+        else:
+            headers[key] = text
+            if key == "origin":
+                origin = text
+    return headers, origin
 
 
 class HttpConnection:
@@ -136,20 +147,22 @@ class HttpConnection:
             await self._stream.send_all(data)
 
     async def _respond(self, response: HttpResponse, *, close: bool = False) -> None:
+        """Send ``response``; the caller bounds it (the HTTP phase's deadline, or its own)."""
         # RFC 9110 8.6: no Content-Length on a 204, and on a 304 only the full body's size.
         length = [] if response.status in (204, 304) else [("Content-Length", str(len(response.body)))]
         headers = [*length, *response.headers]
         if close or self._host.draining:
             headers.append(("Connection", "close"))
-        with trio.move_on_after(self._host.request_timeout):
-            await self._send(h11.Response(status_code=response.status, headers=headers))
-            if response.body:
-                await self._send(h11.Data(data=response.body))
-            await self._send(h11.EndOfMessage())
+        await self._send(h11.Response(status_code=response.status, headers=headers))
+        if response.body:
+            await self._send(h11.Data(data=response.body))
+        await self._send(h11.EndOfMessage())
 
-    async def _read_request(self) -> tuple[h11.Request, bytes] | None:
-        """The next whole request, or None if the client closed between requests."""
+    async def _read_request(self) -> tuple[h11.Request, dict[str, str], bytes] | None:
+        """The next whole request, its headers (see ``_header_map``), its body; None if the client
+        closed between requests."""
         request: h11.Request | None = None
+        headers: dict[str, str] = {}
         body = bytearray()
         while True:
             event = self._conn.next_event()
@@ -170,83 +183,92 @@ class HttpConnection:
                     self._conn.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
             elif isinstance(event, h11.Request):
                 request = event
-                self._origin = next((v.decode("latin-1") for n, v in event.headers if n == b"origin"), None)
-                names = {name for name, _ in event.headers}
-                if b"content-length" in names and b"transfer-encoding" in names:
+                headers, self._origin = _header_map(event)
+                length = headers.get("content-length")  # h11 has checked it is one number, all digits
+                if length is not None and "transfer-encoding" in headers:
                     raise h11.RemoteProtocolError("both Content-Length and Transfer-Encoding", 400)
-                for name, value in event.headers:  # h11 has checked it is all digits
-                    if name == b"content-length" and int(value) > MAX_BODY_BYTES:
-                        raise _BodyTooLarge
+                if length is not None and int(length) > MAX_BODY_BYTES:
+                    raise _BodyTooLarge
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > MAX_BODY_BYTES:
                     raise _BodyTooLarge
             elif isinstance(event, h11.EndOfMessage):
                 assert request is not None
-                return request, bytes(body)
+                return request, headers, bytes(body)
             elif isinstance(event, h11.ConnectionClosed):
                 return None
 
     async def run(self) -> None:
+        held: AbstractContextManager[None] | None = None
         try:
-            upgrade = await self._serve_http()
-            if upgrade is not None:
-                admission, accept = upgrade
-                with admission.hold:  # entered with no checkpoint since the check: no race
-                    # Inline, not a method: every coroutine frame in this chain lives as long
-                    # as the WebSocket, and idle connections are counted in thousands.
-                    with trio.move_on_after(self._host.request_timeout) as handshake:
-                        await self._send(h11.InformationalResponse(status_code=101, headers=accept))
-                    if handshake.cancelled_caught:
-                        log.info("%s: WebSocket handshake timed out", self._remote)
-                        return
-                    early, _ = self._conn.trailing_data
-                    del upgrade, accept, handshake  # nor need these
-                    # h11 is done with this connection: its state and buffers need not live as long as the WebSocket.
-                    del self._conn
-                    websocket = admission.run(self._stream, early, self._remote)
-                    del admission  # and its closure: the WebSocket's coroutine holds what it needs
-                    await websocket
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client went away mid-exchange
-        finally:
-            with trio.move_on_after(0):
-                await self._stream.aclose()
-
-    async def _serve_http(self) -> tuple[Admission, list[tuple[str, str]]] | None:
-        """Requests until the connection should close (None), or an admitted upgrade."""
-        timeout = self._host.request_timeout
-        while True:
-            with trio.move_on_after(timeout) as scope:
-                try:
-                    received = await self._read_request()
-                except h11.RemoteProtocolError as exc:
-                    log.info("%s: bad HTTP request: %s", self._remote, exc)
-                    await self._respond_if_possible(
-                        error_response(
-                            exc.error_status_hint, "bad-request", f"malformed HTTP request: {exc}", self._cors()
-                        )
-                    )
-                    return None
-                except _BodyTooLarge:
-                    await self._respond_if_possible(
-                        error_response(
-                            413, "payload-too-large", f"request body over {MAX_BODY_BYTES} bytes", self._cors()
-                        )
-                    )
-                    return None
-            if scope.cancelled_caught:
-                if self._conn.their_state is h11.SEND_BODY or (
+            # The whole HTTP phase, every request of the connection and the 101, runs in this one
+            # cancel scope, its deadline moved between requests and before each REST response: a
+            # scope costs more than moving a deadline, and a join storm pays for every one opened.
+            with trio.CancelScope(deadline=trio.current_time() + self._host.request_timeout) as phase:
+                upgrade = await self._serve_http(phase)
+                if upgrade is not None:
+                    admission, accept = upgrade
+                    held = admission.hold
+                    held.__enter__()  # with no checkpoint since the check: no race
+                    # Within the request's own deadline: a request and its 101 take request_timeout at most.
+                    await self._send(h11.InformationalResponse(status_code=101, headers=accept))
+            if phase.cancelled_caught:
+                if held is not None:
+                    log.info("%s: WebSocket handshake timed out", self._remote)
+                elif self._conn.their_state is h11.SEND_BODY or (
                     self._conn.their_state is h11.IDLE and self._conn.trailing_data[0]
                 ):
                     await self._respond_if_possible(
                         error_response(408, "request-timeout", "request took too long", self._cors())
                     )
+                return
+            if upgrade is not None:
+                early, _ = self._conn.trailing_data
+                # Every coroutine frame in this chain lives as long as the WebSocket, and idle
+                # connections are counted in thousands: what the handshake needed goes now.
+                del upgrade, accept, phase
+                # h11 is done with this connection: its state and buffers need not live as long as the WebSocket.
+                del self._conn
+                websocket = admission.run(self._stream, early, self._remote)
+                del admission  # and its closure: the WebSocket's coroutine holds what it needs
+                await websocket
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away mid-exchange
+        finally:
+            if held is not None:
+                held.__exit__(None, None, None)
+            if type(self._stream) is trio.SocketStream:
+                self._stream.socket.close()  # what ``aclose`` does, without its checkpoint: nothing waits on it
+            else:
+                with trio.move_on_after(0):
+                    await self._stream.aclose()
+
+    async def _serve_http(self, phase: trio.CancelScope) -> tuple[Admission, list[tuple[str, str]]] | None:
+        """Requests until the connection should close (None), or an admitted upgrade.
+
+        Runs in ``phase``, the HTTP phase's cancel scope: each read of a request and each
+        response may take ``request_timeout``, the REST API's own work as long as it takes.
+        A refusal or a 101 is sent within the deadline of the request it answers.
+        """
+        timeout = self._host.request_timeout
+        while True:  # the first request's deadline is the scope's own
+            try:
+                received = await self._read_request()
+            except h11.RemoteProtocolError as exc:
+                log.info("%s: bad HTTP request: %s", self._remote, exc)
+                await self._respond_if_possible(
+                    error_response(exc.error_status_hint, "bad-request", f"malformed HTTP request: {exc}", self._cors())
+                )
+                return None
+            except _BodyTooLarge:
+                await self._respond_if_possible(
+                    error_response(413, "payload-too-large", f"request body over {MAX_BODY_BYTES} bytes", self._cors())
+                )
                 return None
             if received is None:
                 return None
-            request, body = received
-            headers = _header_map(request)
+            request, headers, body = received
             method = request.method.decode("ascii")
             target = request.target.decode("latin-1")
             if target.split("?", 1)[0] == PATH:
@@ -255,6 +277,7 @@ class HttpConnection:
                     await self._respond(admission, close=True)
                     return None
                 return admission, accept_headers(headers)
+            phase.deadline = math.inf
             response = await self._host.respond(HttpRequest(method, target, headers, body, self._client(headers)))
             log.debug(
                 "%s: %s %s -> %d",
@@ -263,16 +286,19 @@ class HttpConnection:
                 request.target.decode("latin-1"),
                 response.status,
             )
+            phase.deadline = trio.current_time() + timeout
             await self._respond(response)
             self._answered = True
             if self._conn.our_state is h11.MUST_CLOSE or self._host.draining:
                 return None
             self._conn.start_next_cycle()
             self._origin = None
+            phase.deadline = trio.current_time() + timeout
 
     async def _respond_if_possible(self, response: HttpResponse) -> None:
+        """An error's response, then the linger; bounded by themselves (they also follow a timeout)."""
         if self._conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            with contextlib.suppress(h11.LocalProtocolError):
+            with trio.move_on_after(self._host.request_timeout), contextlib.suppress(h11.LocalProtocolError):
                 await self._respond(response, close=True)
             await self._linger()
 

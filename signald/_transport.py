@@ -80,8 +80,6 @@ class WebSocket:
         "_peer_close_code",
         "_scope",
         "_stream",
-        "_writer_done",
-        "_written",
         "outbox",
         "remote",
         "session",
@@ -120,9 +118,6 @@ class WebSocket:
         self.remote = remote
         #: The reader's current cancel scope: cancelled to make it look at the session now.
         self._scope: trio.CancelScope | None = None
-        #: Whether the writer has stopped; ``_written`` is made only when someone waits for that.
-        self._writer_done = False
-        self._written: trio.Event | None = None
 
     def close(self, code: int, reason: str) -> None:
         """Close from outside the connection (shutdown)."""
@@ -149,18 +144,18 @@ class WebSocket:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer)
                 await self._reader()
-                # What is queued (a close frame, an echo) may take until the close bound, if any is left.
+                # What is queued (a close frame, an echo) may take until the close bound, if any is
+                # left: the nursery waits that long for its writer, then cancels it.
                 self.outbox.finish()
-                with trio.move_on_at(min(self.session.close_by, trio.current_time() + self._limits.close_timeout)):
-                    if not self._writer_done:
-                        self._written = trio.Event()
-                        await self._written.wait()
-                nursery.cancel_scope.cancel()
+                nursery.cancel_scope.deadline = min(
+                    self.session.close_by, trio.current_time() + self._limits.close_timeout
+                )
         finally:
             # Cancelled from outside (shutdown's grace ran out) or broken: the member still leaves.
             self.session.socket_closed(trio.current_time())
-            with trio.CancelScope(shield=True):
-                await self._carry_out()
+            if self.session.commands:
+                with trio.CancelScope(shield=True):
+                    await self._carry_out()
             code = self.session.close_code
             self._observer.closed(code if code is not None else self._peer_close_code)
             log.info("%s: disconnected", self.remote)
@@ -268,10 +263,6 @@ class WebSocket:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.session.socket_closed(trio.current_time())
             self._wake()
-        finally:
-            self._writer_done = True
-            if self._written is not None:
-                self._written.set()
 
     def _encode(self, batch: list[Item]) -> tuple[bytes, int]:
         """The bytes of a batch of frames, and how many of them the outbox counted."""

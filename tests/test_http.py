@@ -200,6 +200,22 @@ async def test_keep_alive_serves_several_requests_on_one_connection(topology: To
                 conn.start_next_cycle()
 
 
+async def test_each_keep_alive_request_has_its_own_request_timeout(server_factory: Callable[..., Any]) -> None:
+    """The HTTP phase's one deadline moves with each request: only a single slow request is cut off."""
+    server = await server_factory(server={"request_timeout": 1.0})
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        conn = h11.Connection(h11.CLIENT)
+        for _ in range(3):  # 1.2 s in all, past one request_timeout; 0.6 s each, well within it
+            await trio.sleep(0.6)  # the time a client takes between requests is what is tested
+            await stream.send_all(conn.send(h11.Request(method="GET", target="/health", headers=[("Host", "x")])))
+            await stream.send_all(conn.send(h11.EndOfMessage()))
+            with trio.fail_after(TIMEOUT):
+                status, _, _ = await read_response(conn, stream)
+            assert status == 200
+            conn.start_next_cycle()
+
+
 async def raw_exchange(port: int, data: bytes) -> bytes:
     """Send raw bytes, return everything the server says until it closes."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
