@@ -251,6 +251,14 @@ class RoomTask:
         if len(room.seats) < present:
             observer.left(present - len(room.seats))
 
+    def _expire(self, now: float) -> None:
+        """End the suspended members whose time is up (the room task's timer: see the top)."""
+        room = self.room
+        present = len(room.seats)
+        for peer_id in room.expire(now):
+            log.info("room %s: %s left, not back within %g s", room.id, peer_id, room.resume_grace)
+        self._observer.left(present - len(room.seats))
+
     def _holds_seat(self, member: Member) -> bool:
         """Whether ``member``'s connection speaks for its seat (see :meth:`Room.leave`)."""
         seat = self.room.seats.get(member.peer_id)
@@ -300,10 +308,7 @@ class RoomTask:
                 # Reached with the channel empty and no await since it was seen empty.
                 now = trio.current_time()
                 if room.suspended and room.next_expiry <= now:
-                    present = len(room.seats)
-                    for peer_id in room.expire(now):
-                        log.info("room %s: %s left, not back within %g s", room.id, peer_id, room.resume_grace)
-                    self._observer.left(present - len(room.seats))
+                    self._expire(now)
                 if self._occupied():
                     continue
                 if self._ends(now, idle_since):
@@ -490,6 +495,13 @@ class RoomHub:
         if member is None:
             raise ResumeFailed(self._retired.get(token, TOKEN_UNKNOWN))
         return task, member
+
+    async def hand_over(self, deadline: float) -> None:
+        """Draining: what to do with the members the drain suspended, until ``deadline``.
+
+        In one process nobody can take them over: the drain ends sessions at once instead (see
+        ``_server``). A cluster hub waits for other nodes to claim them.
+        """
 
     def _retire(self, token: str, why: str) -> None:
         self._retired[token] = why

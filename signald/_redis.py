@@ -24,10 +24,23 @@ Design rules:
 5. **Dead nodes.** Each node renews a lease every ``node_timeout / 3``; every node sweeps
    for nodes whose lease has expired and removes their members (the script re-checks the
    lease, so a node that came back is never swept).
+6. **Redis routes relays to other nodes.** A relay to a member of another node goes to
+   Redis without a node: one script per writer batch (``ROUTE``) looks up each addressee's
+   node in its room's members and publishes there, still one ``PUBLISH`` per node per batch.
+   A member can move between nodes (a resume elsewhere: ``claim``), and Redis runs the claim
+   and the routing one after the other, so each relay lands at the node that holds the
+   member at that point of Redis' order, and a sender never needs to hear of the move first.
+   (A mirror's node would be stale for as long as the move takes to reach the sender.)
+7. **A resume token is checked in Redis, never stored there.** A member's entry holds the
+   SHA-256 digest of its current token (set at join, replaced by each resume), so any node
+   can check a token and no secret is kept where every node can read it. The digest of 192
+   random bits cannot be steered, so comparing digests needs no constant-time compare.
 
 Room keys share the ``{room}`` hash tag. The script also touches global keys (the room index,
-the user count, the node registry), so on a Redis Cluster those would move to a step of
-their own; one Redis (with a replica, if wanted) is what this is built and tested for.
+the user count, the node registry, and in ``claim`` the member's former node's keys), and
+``ROUTE`` reads the members of each room it routes for without declaring them, so on a Redis
+Cluster those would move to a step of their own; one Redis (with a replica, if wanted) is
+what this is built and tested for.
 """
 
 from __future__ import annotations
@@ -100,6 +113,8 @@ local function send_all(event)
   local text = cjson.encode(event)
   for _, n in ipairs(redis.call('HKEYS', room_nodes)) do redis.call('PUBLISH', CHANNEL .. n, text) end
 end
+-- A member's entry (the value in the members hash, by peer id): {node, username, joined at,
+-- order, digest of its resume token ('' when resume is off)}.
 -- Members as {peer, username, node, joined at, order}, in join order.
 local function members_in_order()
   local list, raw = {}, redis.call('HGETALL', members)
@@ -114,9 +129,9 @@ local function room_meta()
   local m = redis.call('HMGET', meta, 'name', 'max', 'created', 'persistent')
   return {m[1], tonumber(m[2]), m[3], m[4] == '1'}
 end
-local function add(peer, username, joined_at)
+local function add(peer, username, joined_at, digest)
   local order = redis.call('HINCRBY', meta, 'seq', 1)
-  redis.call('HSET', members, peer, cjson.encode({node, username, joined_at, order}))
+  redis.call('HSET', members, peer, cjson.encode({node, username, joined_at, order, digest}))
   redis.call('INCR', users)
   redis.call('ZADD', index, '+inf', room)
   redis.call('SADD', node_rooms, room)
@@ -145,7 +160,8 @@ local function settle(now, idle)
 end
 
 if op == 'join' then
-  -- 4 peer, 5 username, 6 joined at, 7 auto-create '1'/'0', 8 default capacity, 9 max rooms
+  -- 4 peer, 5 username, 6 joined at, 7 auto-create '1'/'0', 8 default capacity, 9 max rooms,
+  -- 10 digest of the member's resume token
   if redis.call('EXISTS', meta) == 0 then
     if ARGV[7] ~= '1' then return {'room-not-found'} end
     if redis.call('ZCARD', index) >= tonumber(ARGV[9]) then return {'too-many-rooms'} end
@@ -154,7 +170,7 @@ if op == 'join' then
   local max = tonumber(redis.call('HGET', meta, 'max'))
   if redis.call('HLEN', members) >= max then return {'room-full', tostring(max)} end
   local others = members_in_order()
-  local first = add(ARGV[4], ARGV[5], ARGV[6])
+  local first = add(ARGV[4], ARGV[5], ARGV[6], ARGV[10])
   local event = {r = room, k = 'join', p = ARGV[4], u = ARGV[5], n = node, t = ARGV[6]}
   local text = cjson.encode(event)
   for _, n in ipairs(redis.call('HKEYS', room_nodes)) do
@@ -194,7 +210,7 @@ elseif op == 'forget' then
   redis.call('SREM', all_nodes, node)
   return 1
 elseif op == 'sync' then
-  -- 4 this node's members of the room, JSON [[peer, username, joined at], ...], 5 prune '1'/'0',
+  -- 4 this node's members of the room, JSON [[peer, username, joined at, digest], ...], 5 prune '1'/'0',
   -- 6 name, 7 capacity, 8 created at, 9 persistent '1'/'0' (to recreate a room Redis lost)
   if redis.call('EXISTS', meta) == 0 then
     redis.call('HSET', meta, 'name', ARGV[6], 'max', ARGV[7], 'created', ARGV[8], 'persistent', ARGV[9], 'seq', 0)
@@ -205,13 +221,55 @@ elseif op == 'sync' then
     if m[3] == node and not here[m[1]] then remove(m[1], false) end
   end
   for _, m in ipairs(held) do
-    if redis.call('HEXISTS', members, m[1]) == 0 then
-      add(m[1], m[2], m[3])
+    local value = redis.call('HGET', members, m[1])
+    if not value then
+      add(m[1], m[2], m[3], m[4])
       send_all({r = room, k = 'join', p = m[1], u = m[2], n = node, t = m[3]})
+    else
+      local v = cjson.decode(value)
+      if v[1] == node and v[5] ~= m[4] then  -- a resume here while Redis was away: its token now
+        v[5] = m[4]
+        redis.call('HSET', members, m[1], cjson.encode(v))
+      end
     end
   end
   send(node, {r = room, k = 'sync', m = members_in_order(), meta = room_meta(), prune = ARGV[5] == '1'})
   return 1
+elseif op == 'claim' then
+  -- 4 peer, 5 digest of the token presented, 6 digest of the token that replaces it.
+  -- The member moves to node ARGV[3] (or stays, if it is there): from now on Redis routes its
+  -- relays here. Its former node hears 'moved' and hands over what it kept for it.
+  local value = redis.call('HGET', members, ARGV[4])
+  if not value then return {'gone'} end
+  local v = cjson.decode(value)
+  if v[5] ~= ARGV[5] then return {'used'} end
+  local from = v[1]
+  if from ~= node and redis.call('EXISTS', CHANNEL .. from .. ':lease') == 0 then return {'dead'} end
+  v[1], v[5] = node, ARGV[6]
+  redis.call('HSET', members, ARGV[4], cjson.encode(v))
+  local event = {r = room, k = 'moved', p = ARGV[4], u = v[2], t = v[3], n = node, f = from}
+  if from == node then
+    send(node, event)
+    return {'ok'}
+  end
+  if redis.call('HINCRBY', room_nodes, from, -1) <= 0 then
+    redis.call('HDEL', room_nodes, from)
+    redis.call('SREM', CHANNEL .. from .. ':rooms', room)
+    send(from, event)  -- no longer a node of the room, but it must hand over
+  end
+  redis.call('SADD', node_rooms, room)
+  local first = redis.call('HINCRBY', room_nodes, node, 1) == 1
+  local text = cjson.encode(event)
+  for _, n in ipairs(redis.call('HKEYS', room_nodes)) do
+    if n == node and first then  -- this node's first member in the room: it needs a snapshot
+      event.m = members_in_order()
+      event.meta = room_meta()
+      send(n, event)
+    else
+      redis.call('PUBLISH', CHANNEL .. n, text)
+    end
+  end
+  return {'ok'}
 elseif op == 'create' then
   -- 4 name, 5 capacity, 6 created at, 7 max rooms, 8 expiry (ms)
   if redis.call('EXISTS', meta) == 1 then return {'exists'} end
@@ -230,6 +288,34 @@ elseif op == 'expire' then
   return 0
 end
 return redis.error_reply('unknown operation ' .. op)
+"""
+
+ROUTE = r"""
+-- A writer batch's relays, in order. ARGV: room, addressee, line; room, addressee, line; ...
+-- Each line goes to the node that holds its addressee now, one PUBLISH per node; a relay to a
+-- member no longer in its room is dropped (as its node would drop it).
+local CHANNEL = 'signald:node:'
+local where, lines, nodes = {}, {}, {}
+for i = 1, #ARGV, 3 do
+  local seat = ARGV[i] .. '\t' .. ARGV[i + 1]
+  local node = where[seat]
+  if node == nil then
+    local value = redis.call('HGET', 'signald:{' .. ARGV[i] .. '}:members', ARGV[i + 1])
+    node = value and string.match(value, '^%["([^"]*)"') or false  -- node ids need no escapes
+    where[seat] = node
+  end
+  if node then
+    local batch = lines[node]
+    if not batch then
+      batch = {}
+      lines[node] = batch
+      nodes[#nodes + 1] = node
+    end
+    batch[#batch + 1] = ARGV[i + 2]
+  end
+end
+for _, node in ipairs(nodes) do redis.call('PUBLISH', CHANNEL .. node, table.concat(lines[node], '\n')) end
+return #nodes
 """
 
 
@@ -251,7 +337,7 @@ class Listener(Protocol):
 
 @attrs.define(eq=False)
 class _Item:
-    """One queued Redis command: a script call or a relay."""
+    """One queued Redis command: a script call, a relay, or a message to one node."""
 
     args: tuple[Any, ...]
     done: trio.Event | None = None
@@ -282,6 +368,7 @@ class RedisLink:
         self._attached = trio.Event()
         self._client: coredis.Redis[str] | None = None
         self._sha = ""
+        self._route_sha = ""
         self._send, self._receive = trio.open_memory_channel[_Item](math.inf)
         self._in_flight: list[_Item] = []
         #: Leaves that could not reach Redis: sent first when it is back.
@@ -324,8 +411,9 @@ class RedisLink:
         self._send.send_nowait(_Item(self._script(operation, room, *args), on_fail=on_fail))
         return True
 
-    def relay(self, node: str, room: str, sender_id: str, to: str, text: bytes, on_fail: Callable[[], None]) -> bool:
-        """Send a relay to ``node`` in this node's order; False now if Redis is away, ``on_fail`` if lost.
+    def relay(self, room: str, sender_id: str, to: str, text: bytes, on_fail: Callable[[], None]) -> bool:
+        """Send a relay to the node that holds ``to`` (Redis knows which: rule 6), in this
+        node's order; False now if Redis is away, ``on_fail`` if lost.
 
         On the wire a relay is one line, ``room TAB sender TAB to TAB frame``: ids never hold a
         tab and a frame (JSON, which escapes every control character) never holds a raw tab or
@@ -335,7 +423,15 @@ class RedisLink:
         if not self.available:
             return False
         line = b"\t".join((room.encode(), sender_id.encode(), to.encode(), text))
-        self._send.send_nowait(_Item(("relay", channel(node), line), on_fail=on_fail))
+        self._send.send_nowait(_Item(("relay", room, to, line), on_fail=on_fail))
+        return True
+
+    def tell(self, node: str, event: dict[str, Any]) -> bool:
+        """Publish ``event`` to ``node``'s channel, in this node's order (after every relay
+        queued before it); False if Redis is away. Its listener gets it as it gets the script's."""
+        if not self.available:
+            return False
+        self._send.send_nowait(_Item(("publish", channel(node), json.dumps(event))))
         return True
 
     async def leave(self, room: str, peer_id: str) -> bool:
@@ -396,8 +492,10 @@ class RedisLink:
             meta_key, members_key, _ = room_keys(room_id)
             async with client.pipeline(transaction=False) as pipe:
                 meta, raw = pipe.hgetall(meta_key), pipe.hgetall(members_key)
-            # Each value is [node, username, joined at, join order]; the key is the peer id.
-            entries = sorted(([*json.loads(value), peer] for peer, value in (await raw).items()), key=lambda e: e[3])
+            # Each value is [node, username, joined at, join order, token digest]; the key is the peer id.
+            entries = sorted(
+                ([*json.loads(value)[:4], peer] for peer, value in (await raw).items()), key=lambda e: e[3]
+            )
             members = tuple(
                 MemberInfo(peer, username, datetime.fromisoformat(at)) for _, username, at, _, peer in entries
             )
@@ -471,6 +569,7 @@ class RedisLink:
     async def _serve_connection(self, client: coredis.Redis[str]) -> None:
         assert self._listener is not None
         self._sha = await client.script_load(SCRIPT)
+        self._route_sha = await client.script_load(ROUTE)
         # Subscribed before anything is registered, so nothing published to us is missed.
         async with client.pubsub(
             channels=[channel(self.node)],
@@ -516,15 +615,20 @@ class RedisLink:
             self._in_flight = batch
             async with client.pipeline(transaction=False) as pipe:
                 scripts = []
-                # Relays between two scripts go out grouped by node, a message per node: the
-                # order that matters (a member's relays, then its leave) is kept.
-                relays: dict[str, list[bytes]] = {}
+                # Relays between two other items go out in one ``ROUTE``, which groups them by
+                # node, a message per node: the order that matters (a member's relays, then its
+                # leave) is kept.
+                relays: list[str | bytes] = []
                 for item in batch:
-                    if item.args[0] == "script":
-                        self._flush(pipe, relays)
+                    kind = item.args[0]
+                    if kind == "relay":
+                        relays += item.args[1:]
+                        continue
+                    self._flush(pipe, relays)
+                    if kind == "script":
                         scripts.append((item, pipe.evalsha(self._sha, keys=item.args[1], args=item.args[2])))
                     else:
-                        relays.setdefault(item.args[1], []).append(item.args[2])
+                        pipe.publish(item.args[1], item.args[2])
                 self._flush(pipe, relays)
             for item, reply in scripts:
                 item.result = await reply
@@ -532,11 +636,10 @@ class RedisLink:
                     item.done.set()
             self._in_flight = []
 
-    @staticmethod
-    def _flush(pipe: Any, relays: dict[str, list[bytes]]) -> None:
-        for node_channel, lines in relays.items():
-            pipe.publish(node_channel, b"\n".join(lines))
-        relays.clear()
+    def _flush(self, pipe: Any, relays: list[str | bytes]) -> None:
+        if relays:
+            pipe.evalsha(self._route_sha, keys=[], args=relays)
+            relays.clear()
 
     async def _renew(self, client: coredis.Redis[str]) -> bool:
         """Renew the lease; False if it had lapsed (Redis restarted, or we were swept)."""
