@@ -780,6 +780,7 @@ class ClusterHub(RoomHub):
                     for peer_id in drain.ended:
                         log.info("room %s: %s left, not resumed elsewhere in the drain", task.room.id, peer_id)
                         await self._link.leave(task.room.id, peer_id)
+        await self._link.flushed()  # the handovers sent meanwhile, before the link closes
 
     # -- what the link tells ---------------------------------------------------------
 

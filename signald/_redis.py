@@ -434,6 +434,14 @@ class RedisLink:
         self._send.send_nowait(_Item(("publish", channel(node), json.dumps(event))))
         return True
 
+    async def flushed(self) -> None:
+        """Wait until everything queued before has reached Redis (or failed to)."""
+        if self.available:
+            item = _Item(("ping",), trio.Event())
+            self._send.send_nowait(item)
+            assert item.done is not None
+            await item.done.wait()
+
     async def leave(self, room: str, peer_id: str) -> bool:
         """``peer_id`` leaves ``room`` in Redis (whose event removes it from the room task)."""
         return await self.call("leave", room, peer_id, _ms(), self._idle_ms()) is not None
@@ -627,8 +635,10 @@ class RedisLink:
                     self._flush(pipe, relays)
                     if kind == "script":
                         scripts.append((item, pipe.evalsha(self._sha, keys=item.args[1], args=item.args[2])))
-                    else:
+                    elif kind == "publish":
                         pipe.publish(item.args[1], item.args[2])
+                    else:
+                        scripts.append((item, pipe.ping()))  # a barrier: ``flushed``
                 self._flush(pipe, relays)
             for item, reply in scripts:
                 item.result = await reply
