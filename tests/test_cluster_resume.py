@@ -229,3 +229,42 @@ async def test_a_drained_member_nobody_resumes_leaves_when_the_grace_ends(nodes:
         async with connect(two.port) as bob2:
             failed = await resume(bob2, joined["resumeToken"])
             assert failed["code"] == "resume-failed", failed
+
+
+async def test_more_missed_messages_than_the_buffer_end_the_session_on_every_node(nodes: Nodes) -> None:
+    one, two = await nodes(rooms={"resume_buffer": 3})
+    async with connect(one.port) as alice, connect(two.port) as dave:
+        await alice.join("r", "alice")
+        await dave.join("r", "dave")
+        await alice.expect("user-joined", peerId=dave.peer_id)
+        raw = await RawWebSocket.open(one.port)
+        bob = await raw_join(raw, "r", "bob")
+        for member in (alice, dave):
+            await member.expect("user-joined", peerId=bob["peerId"])
+        await lose(one, raw, 1)
+        for n in range(4):
+            await dave.send(type="webrtc-offer", to=bob["peerId"], sdp=f"offer {n}")
+        for member in (alice, dave):
+            await member.expect("user-left", peerId=bob["peerId"])
+        assert await alice.messages_before_pong() == []
+        assert await dave.messages_before_pong() == []
+        async with connect(two.port) as bob2:
+            failed = await resume(bob2, bob["resumeToken"])
+            assert failed["code"] == "resume-failed", failed
+
+
+async def test_resuming_on_another_node_a_connection_still_open_closes_the_old_one(nodes: Nodes) -> None:
+    one, two = await nodes()
+    async with connect(two.port) as alice, connect(one.port) as old:
+        await alice.join("r", "alice")
+        joined = await old.join("r", "bob")
+        await alice.expect("user-joined", peerId=old.peer_id)
+        async with connect(two.port) as new:
+            resumed = await resume(new, joined["resumeToken"])
+            assert (resumed["type"], resumed["missed"]) == ("resumed", 0)
+            assert await closed_by(old) == (4001, "resumed elsewhere")
+            await alice.send(type="webrtc-offer", to=old.peer_id, sdp="once")
+            await new.expect("webrtc-offer", sdp="once")
+            assert await alice.messages_before_pong() == []  # the room saw nothing
+            assert await new.messages_before_pong() == []
+            assert [await room_count(port) for port in (one.port, two.port)] == [2, 2]
