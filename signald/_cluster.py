@@ -590,9 +590,16 @@ class ClusterRoomTask(RoomTask):
                     room.leave(seat.member)
                     log.info("room %s: %s left (no longer in redis)", room.id, peer_id)
         for peer_id, username, node, joined_at, _ in entries:
-            if peer_id not in room.seats and node != self._link.node:
+            seat = room.seats.get(peer_id)
+            if node == self._link.node:
+                continue
+            if seat is None:
                 room.join(RemoteMember(peer_id, username, node), datetime.fromisoformat(joined_at), admitted=True)
                 log.info("room %s: %s joined as %r on node %s (from redis)", room.id, peer_id, username, node)
+            elif not isinstance(seat.member, RemoteMember) and peer_id not in self._arriving:
+                # Resumed on ``node`` while this node could not hear of it (Redis was away): it
+                # is that node's now. Hand over what was kept, in case that node still waits.
+                self._hand_over(peer_id, node)
 
     def _sync(self, prune: bool) -> None:
         room = self.room

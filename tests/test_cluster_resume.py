@@ -8,6 +8,7 @@ whose connection is lost is a :class:`RawWebSocket`, cut with a reset (no close 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -64,7 +65,10 @@ async def room_count(port: int) -> int:
 
 
 @pytest.mark.parametrize("where", ["same node", "other node"])
-async def test_a_member_lost_on_one_node_resumes_on_either_with_what_it_missed(nodes: Nodes, where: str) -> None:
+async def test_a_member_lost_on_one_node_resumes_on_either_with_what_it_missed(
+    nodes: Nodes, where: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="signald")
     one, two = await nodes()
     async with connect(one.port) as alice, connect(two.port) as dave:
         await alice.join("r", "alice")
@@ -129,6 +133,10 @@ async def test_a_member_lost_on_one_node_resumes_on_either_with_what_it_missed(n
                 for member in (alice, dave, carol, bob2):
                     assert await member.messages_before_pong() == []  # nobody saw bob leave
                 assert [await room_count(port) for port in (one.port, two.port)] == [4, 4]
+    text = "\n".join(record.getMessage() for record in caplog.records)
+    assert "resumed on a new connection" in text  # the log tells the story, without the secrets
+    for token in (bob["resumeToken"], resumed["resumeToken"]):
+        assert token.split(".")[2] not in text
 
 
 @pytest.mark.parametrize(

@@ -428,3 +428,24 @@ async def test_refused_claims_and_a_handover_that_never_comes_fail_the_resume(
         assert a.frames[-1] == {"type": "user-left", "roomId": "r", "peerId": "b", "username": "B"}
         assert task is not None
         nursery.cancel_scope.cancel()
+
+
+async def test_a_snapshot_placing_a_member_of_this_node_elsewhere_lets_it_go_without_user_left() -> None:
+    """It resumed on another node while this one could not hear of it (Redis was away)."""
+    async with trio.open_nursery() as nursery:
+        link = FakeLink()
+        hub = make_hub(nursery, link)
+        a, b = FakeMember("a", "A"), FakeMember("b", "B")
+        [task] = await joined(hub, a, join_event("a", HERE), nursery)
+        await joined(hub, b, join_event("b", HERE), nursery)
+        assert task is not None
+        await task.suspend(b, [b'{"type":"kept"}'], 1024)
+        snapshot = [["a", "A", HERE, WHEN, 1], ["b", "B", THERE, WHEN, 2]]
+        await hub.dispatch({"r": "r", "k": "sync", "m": snapshot, "prune": True, "meta": ["Room", 4, WHEN, False]})
+        await settle()
+        assert link.told == [(THERE, {"r": "r", "k": "handover", "p": "b", "f": ['{"type":"kept"}']})]
+        assert a.types() == ["joined-room", "user-joined"]
+        await task.relay("a", "b", b"{}", None, trio.current_time())
+        await settle()
+        assert link.relayed == [("r", "a", "b", b"{}")]  # b is remote now
+        nursery.cancel_scope.cancel()
