@@ -18,7 +18,11 @@ The room task's one wait has a deadline, and that deadline is the only timer a r
 idle TTL of an empty posted room, or the end of the earliest grace of a suspended member.
 A resume token names its room, so finding the seat it belongs to is the same lookup as a
 join's; no table of live tokens exists to share between processes. The hub only remembers,
-within a bound, tokens that stopped working and why, to answer a late resume in words.
+within a bound, tokens that stopped working and why, to answer a late resume in words. A
+cluster (``_cluster``) checks a token in Redis, which keeps only a digest of each member's
+current one, and moves the seat to whichever node the member resumes on; what it changes
+here is how a suspended member's time runs out (``RoomTask._expire``: through Redis) and
+what a drain does with the members it suspended (``RoomHub.hand_over``: waits for claims).
 
 Metrics are reported where the facts are: the room task tells its observer (``_metrics``) each
 relay's time from the read that brought it, and how many members a command removed (a leave, or
