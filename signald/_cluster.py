@@ -264,9 +264,11 @@ class ClusterRoomTask(RoomTask):
         if sent:
             self._link.leave_soon(self.room.id, peer_id)
 
-    def unclaim(self, peer_id: str) -> None:
-        with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
-            self._send.send_nowait(_Unclaim(peer_id))
+    async def unclaim(self, peer_id: str) -> None:
+        """Redis refused the claim registered for ``peer_id`` (a claim left behind would keep
+        this room task alive, so this waits for room in the channel rather than give up)."""
+        with contextlib.suppress(trio.BrokenResourceError):
+            await self._send.send(_Unclaim(peer_id))
 
     async def leave(self, member: Member) -> None:
         """Leave through Redis, whose event removes the member here in the room's order."""
@@ -759,7 +761,7 @@ class ClusterHub(RoomHub):
         digests = resume_token_digest(token), resume_token_digest(claim.new_token)
         outcome = await self._link.call("claim", room_id, peer_id, *digests)
         if outcome is None or outcome[0] != "ok":
-            task.unclaim(peer_id)
+            await task.unclaim(peer_id)
             why = UNAVAILABLE if outcome is None else CLAIM_REFUSALS[outcome[0]]
             raise ResumeFailed(self._retired.get(token, why))
         await claim.done.wait()  # bounded: a handover has node_timeout to come

@@ -291,19 +291,15 @@ return redis.error_reply('unknown operation ' .. op)
 """
 
 ROUTE = r"""
--- A writer batch's relays, in order. ARGV: room, addressee, line; room, addressee, line; ...
--- Each line goes to the node that holds its addressee now, one PUBLISH per node; a relay to a
--- member no longer in its room is dropped (as its node would drop it).
+-- A writer batch's relays, by addressee. ARGV: room, addressee, its lines; room, addressee,
+-- its lines; ... (each addressee once; its lines in order, joined by newlines). They go to the
+-- node that holds the addressee now, one PUBLISH per node; relays to a member no longer in
+-- its room are dropped (as its node would drop them).
 local CHANNEL = 'signald:node:'
-local where, lines, nodes = {}, {}, {}
+local lines, nodes = {}, {}
 for i = 1, #ARGV, 3 do
-  local seat = ARGV[i] .. '\t' .. ARGV[i + 1]
-  local node = where[seat]
-  if node == nil then
-    local value = redis.call('HGET', 'signald:{' .. ARGV[i] .. '}:members', ARGV[i + 1])
-    node = value and string.match(value, '^%["([^"]*)"') or false  -- node ids need no escapes
-    where[seat] = node
-  end
+  local value = redis.call('HGET', 'signald:{' .. ARGV[i] .. '}:members', ARGV[i + 1])
+  local node = value and string.match(value, '^%["([^"]*)"')  -- node ids need no escapes
   if node then
     local batch = lines[node]
     if not batch then
@@ -623,14 +619,19 @@ class RedisLink:
             self._in_flight = batch
             async with client.pipeline(transaction=False) as pipe:
                 scripts = []
-                # Relays between two other items go out in one ``ROUTE``, which groups them by
-                # node, a message per node: the order that matters (a member's relays, then its
-                # leave) is kept.
-                relays: list[str | bytes] = []
+                # Relays between two other items go out in one ``ROUTE``, grouped by addressee
+                # here and by node there, a message per node: the order that matters (a
+                # sender's relays to one member, then its leave) is kept.
+                relays: dict[tuple[str, str], list[bytes]] = {}
                 for item in batch:
                     kind = item.args[0]
                     if kind == "relay":
-                        relays += item.args[1:]
+                        _, room, to, line = item.args
+                        lines = relays.get((room, to))
+                        if lines is None:
+                            relays[room, to] = [line]
+                        else:
+                            lines.append(line)
                         continue
                     self._flush(pipe, relays)
                     if kind == "script":
@@ -646,9 +647,12 @@ class RedisLink:
                     item.done.set()
             self._in_flight = []
 
-    def _flush(self, pipe: Any, relays: list[str | bytes]) -> None:
+    def _flush(self, pipe: Any, relays: dict[tuple[str, str], list[bytes]]) -> None:
         if relays:
-            pipe.evalsha(self._route_sha, keys=[], args=relays)
+            args: list[str | bytes] = []
+            for (room, to), lines in relays.items():
+                args += (room, to, lines[0] if len(lines) == 1 else b"\n".join(lines))
+            pipe.evalsha(self._route_sha, keys=[], args=args)
             relays.clear()
 
     async def _renew(self, client: coredis.Redis[str]) -> bool:
