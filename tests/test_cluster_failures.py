@@ -319,3 +319,25 @@ async def test_concurrent_joins_on_three_processes_keep_capacity_and_one_order(t
             later = [f["peerId"] for f in watcher.frames[1:] if f["type"] == "user-joined"]
             orders.append([p["peerId"] for p in joined["participants"]] + [joined["peerId"], *later])
         assert all(order == orders[0] for order in orders), orders
+
+
+async def test_a_resume_whose_former_node_was_killed_fails_and_the_member_leaves(tmp_path: Path) -> None:
+    """kill -9 takes what was kept with it: a resume elsewhere gets resume-failed (bounded by
+    node_timeout), never a hang, and the member leaves everywhere."""
+    async with redis_server() as redis, node_factory(tmp_path, redis.url) as start:
+        one, two = await start(2)
+        async with watching(one.port, "r", "a") as a:
+            async with connect(two.port) as b:
+                joined = await b.join("r", "b")
+                await a.wait_for(lambda _: a.members() == {b.peer_id}, "b joined", TIMEOUT)
+                two.kill()
+            async with connect(one.port) as b2:
+                with trio.fail_after(SETTLE):
+                    await b2.send(type="resume", token=joined["resumeToken"])
+                    failed = await b2.expect("error", code="resume-failed")
+                assert "gone" in failed["message"] or "in time" in failed["message"], failed
+                await a.wait_for(lambda _: a.members() == set(), "b left", SETTLE)
+                await b2.join("r", "b again")  # the connection stays usable
+                await a.wait_for(lambda _: len(a.members()) == 1, "b again joined", TIMEOUT)
+            user_lefts = [f for f in a.frames if f["type"] == "user-left" and f["peerId"] == joined["peerId"]]
+            assert len(user_lefts) == 1, a.frames

@@ -405,6 +405,10 @@ async def test_refused_claims_and_a_handover_that_never_comes_fail_the_resume(
             await hub.resume("r.b.secret", FakeMember)
         with pytest.raises(ResumeFailed, match="unknown resume token"):
             await hub.resume("not-a-token", FakeMember)
+        link.available = False
+        with pytest.raises(ResumeFailed, match="unavailable"):
+            await hub.resume("r.b.secret", FakeMember)
+        link.available = True
         link.replies["claim"] = ["ok"]
         failed: list[str] = []
 
