@@ -453,6 +453,8 @@ class ClusterRoomTask(RoomTask):
         claim.done.set()
         if claim.member is not None:
             log.info("room %s: %s resumed on a new connection", room.id, claim.peer_id)
+        elif claim.peer_id not in room.seats:  # Redis listed it here, but it is gone: not a ghost there
+            self._link.leave_soon(room.id, claim.peer_id)
 
     def _arrive(self, claim: _Claim, data: dict[str, Any]) -> None:
         """A member of another node resumed here: hold its seat until the handover is in."""
