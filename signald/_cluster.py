@@ -56,10 +56,11 @@ What a backlog keeps:
   join, leave or resume, which Redis admits one at a time, and dropping one would leave this
   node's mirror of the room wrong (or a resume waiting for what never comes);
 - relays, up to ``limits.send_queue_bytes`` of them (the bound of the room's backlog, as it
-  is of each member's send queue). A relay that does not fit is dropped, and its sender (a
-  member on another node) is told ``cluster-unavailable`` once per backlog, through Redis,
-  as for a relay the queue to Redis refuses (``_redis`` rule 6): the relay was not
-  delivered, and the sender may retry.
+  is of each member's send queue). A relay that does not fit is dropped, and its sender is
+  told ``cluster-unavailable`` once per backlog, as for a relay the queue to Redis refuses
+  (``_redis`` rule 6): the relay was not delivered, and the sender may retry. A sender on
+  another node is told through Redis; one on this node (a relay to a member resuming here
+  from another node, which Redis routed back) is told here.
 """
 
 from __future__ import annotations
@@ -367,9 +368,7 @@ class ClusterRoomTask(RoomTask):
                 claim.done.set()
             self._claims.clear()
         elif isinstance(command, _Refuse):
-            seat = self.room.seats.get(command.sender_id)
-            if seat is not None and isinstance(seat.member, RemoteMember):  # Redis routes it to its node
-                self._link.relay(self.room.id, command.to, command.sender_id, _unavailable(), _ignore)
+            self._refuse(command)
         elif isinstance(command, _Drain):
             self._drain(command)
         if self._overflowing:
@@ -380,6 +379,17 @@ class ClusterRoomTask(RoomTask):
             self._drained.set()
             self._drained = None
 
+
+    def _refuse(self, command: _Refuse) -> None:
+        """Tell a sender of the relays a full backlog dropped (once: see the module docstring)."""
+        seat = self.room.seats.get(command.sender_id)
+        if seat is None:
+            return  # gone meanwhile: nobody to tell
+        refusal = _unavailable()
+        if isinstance(seat.member, RemoteMember):  # Redis routes it to the sender's node, as a relay
+            self._link.relay(self.room.id, command.to, command.sender_id, refusal, _ignore)
+        else:  # a relay of this node's, routed back through Redis to a member arriving here
+            self.room.relay(command.to, command.sender_id, refusal)
 
     def _relay(self, command: _Relay) -> None:
         seats = self.room.seats

@@ -534,3 +534,46 @@ async def test_a_full_backlog_drops_relays_tells_their_sender_and_keeps_membersh
         assert x.frames[-1]["candidate"]["candidate"] == f"{fits:056d}"
         nursery.cancel_scope.cancel()
 
+
+async def test_a_full_backlog_keeps_a_resume_s_moved_handover_and_mark_in_order() -> None:
+    """A flood from another node fills the room's backlog while a member resumes here: the
+    resume's events are never dropped, and a dropped relay of this node's own (routed back
+    through Redis) is answered here."""
+    limits = LimitsConfig(max_message_bytes=1024, send_queue_bytes=1024)
+    async with trio.open_nursery() as nursery:
+        link = FakeLink(replies={"join": ["ok"], "leave": 1, "claim": ["ok"]})
+        hub = make_hub(nursery, link, Config(rooms=RoomsConfig(), limits=limits))
+        a = FakeMember("a", "A", capacity=100_000)
+        [task] = await joined(hub, a, join_event("a", HERE, others=[("b", THERE), ("c", THERE)]), nursery)
+        assert task is not None
+        made: list[FakeMember] = []
+        outcome: list[Any] = []
+
+        def connect(peer_id: str, username: str) -> FakeMember:
+            made.append(FakeMember(peer_id, username))
+            return made[-1]
+
+        async def resume() -> None:
+            outcome.append(await hub.resume("r.b.secret", connect))
+
+        nursery.start_soon(resume)
+        await settle()
+        a.frames.clear()
+        fits = 1 + CHANNEL_SIZE + 1024 // len(candidate(0))
+        for i in range(fits + 5):  # from c, on the other node: the last 5 dropped
+            await hub.relay("r", "c", "a", candidate(i))
+        await hub.dispatch(moved("b", HERE, THERE))
+        await hub.relay("r", "a", "b", b'{"type":"webrtc-offer","from":"a"}')  # dropped too
+        await hub.dispatch({"r": "r", "k": "handover", "p": "b", "f": ['{"type":"kept"}']})
+        await hub.dispatch({"r": "r", "k": "mark", "p": "b"})
+        await settle()
+        [b2] = made
+        assert outcome and outcome[0][1] is b2
+        assert b2.types() == ["resumed", "kept"]
+        assert link.told == [(HERE, {"r": "r", "k": "mark", "p": "b"})]
+        assert [f["candidate"]["candidate"] for f in a.frames[:fits]] == [f"{i:056d}" for i in range(fits)]
+        # a's relay came back through Redis; a is told here, c through Redis (once each).
+        assert [(f["type"], f["code"]) for f in a.frames[fits:]] == [("error", "cluster-unavailable")]
+        [(room, sender, to, refusal)] = link.relayed
+        assert (room, sender, to) == ("r", "a", "c") and json.loads(refusal)["code"] == "cluster-unavailable"
+        nursery.cancel_scope.cancel()
