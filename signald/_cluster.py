@@ -527,7 +527,13 @@ class ClusterRoomTask(RoomTask):
             seat.member, seat.resume_token, seat.kept = member, claim.new_token, kept
         room.suspended[peer_id] = None  # its timer is the handover's bound
         self._arriving[peer_id] = _Arrival(claim, member)
-        self._link.tell(self._link.node, {"r": room.id, "k": "mark", "p": peer_id})
+        if not self._link.tell(self._link.node, {"r": room.id, "k": "mark", "p": peer_id}):
+            # Redis is away or the queue to it full (``_redis`` rule 6): without the mark, this
+            # node cannot know its own relays are all in, so the resume fails and the member leaves.
+            log.warning("room %s: %s could not resume here: redis is unavailable", room.id, peer_id)
+            self._fail_arrival(peer_id, UNAVAILABLE)
+            self._end_there(peer_id, TOKEN_LEFT)
+            return
         log.info("room %s: %s resuming here from node %s", room.id, peer_id, data["f"])
 
     def _marked(self, peer_id: str) -> None:
@@ -593,8 +599,11 @@ class ClusterRoomTask(RoomTask):
         if seat.resume_token is not None:
             room.token_retired(seat.resume_token, TOKEN_USED)
         seat.member, seat.kept, seat.resume_token = RemoteMember(peer_id, seat.member.username, to), None, None
-        self._link.tell(to, {"r": room.id, "k": "handover", "p": peer_id, "f": [text.decode() for text in frames]})
-        log.info("room %s: %s resumed on node %s; %d kept messages handed over", room.id, peer_id, to, len(frames))
+        handover = {"r": room.id, "k": "handover", "p": peer_id, "f": [text.decode() for text in frames]}
+        if self._link.tell(to, handover):
+            log.info("room %s: %s resumed on node %s; %d kept messages handed over", room.id, peer_id, to, len(frames))
+        else:  # Redis away, or the queue to it full: that node's wait for it is bounded (node_timeout)
+            log.warning("room %s: %s resumed on node %s; no handover (redis unavailable)", room.id, peer_id, to)
 
     def _fail_arrival(self, peer_id: str, why: str) -> None:
         arrival = self._arriving.pop(peer_id, None)

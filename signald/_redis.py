@@ -34,8 +34,11 @@ Design rules:
    (``cluster-unavailable`` to its sender), a join or a room creation is told "unavailable",
    exactly as in an outage, while relays between members of this node go on (they never
    enter the queue). A leave refused so is kept, as in an outage, and queued again once a
-   batch has been answered. The queue is counted in bytes, not items: a relay's frame can be
-   64 KiB or 100 bytes, and memory is what the bound is for.
+   batch has been answered. A resume is refused as a join is; a handover (or a node's mark to
+   itself) refused so fails the resume, as if lost with the link. A barrier (``flushed``)
+   holds no bytes and is always taken, to wait behind the rest. The queue is counted in
+   bytes, not items: a relay's frame can be 64 KiB or 100 bytes, and memory is what the bound
+   is for.
 7. **Redis routes relays to other nodes.** A relay to a member of another node goes to
    Redis without a node: one script per writer batch (``ROUTE``) looks up each addressee's
    node in its room's members and publishes there, still one ``PUBLISH`` per node per batch.

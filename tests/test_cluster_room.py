@@ -33,6 +33,8 @@ class FakeLink:
 
     node: str = HERE
     available: bool = True
+    #: Connected, but the queue to Redis refuses everything (``_redis`` rule 6).
+    full: bool = False
     problem: str | None = None
     replies: dict[str, Any] = attrs.field(factory=lambda: {"join": ["ok"], "leave": 1})
     calls: list[tuple[Any, ...]] = attrs.field(factory=list)
@@ -47,8 +49,11 @@ class FakeLink:
     def attach(self, listener: Any) -> None:
         pass
 
+    def _takes(self) -> bool:
+        return self.available and not self.full
+
     async def call(self, operation: str, room: str, *args: Any) -> Any:
-        if not self.available:
+        if not self._takes():
             return None
         self.calls.append((operation, room, *args))
         return self.replies[operation]
@@ -57,20 +62,20 @@ class FakeLink:
         return await self.call("leave", room, peer_id) is not None
 
     def submit(self, operation: str, room: str, *args: Any) -> bool:
-        if self.available:
+        if self._takes():
             self.submitted.append((operation, room, *args))
-        return self.available
+        return self._takes()
 
     def relay(self, room: str, sender_id: str, to: str, text: bytes, on_fail: Callable[[], None]) -> bool:
-        if self.available:
+        if self._takes():
             self.relayed.append((room, sender_id, to, text))
             self.on_fail.append(on_fail)
-        return self.available
+        return self._takes()
 
     def tell(self, node: str, event: dict[str, Any]) -> bool:
-        if self.available:
+        if self._takes():
             self.told.append((node, event))
-        return self.available
+        return self._takes()
 
     def leave_soon(self, room: str, peer_id: str) -> None:
         self.left_soon.append((room, peer_id))
@@ -577,3 +582,47 @@ async def test_a_full_backlog_keeps_a_resume_s_moved_handover_and_mark_in_order(
         [(room, sender, to, refusal)] = link.relayed
         assert (room, sender, to) == ("r", "a", "c") and json.loads(refusal)["code"] == "cluster-unavailable"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_full_queue_to_redis_fails_a_resume_here_and_loses_a_handover_there() -> None:
+    """Neither the mark nor the handover can go when the queue to Redis is full: the resume
+    fails at once on the new node (its member leaves through Redis), and the former node lets
+    the member go all the same (the new node's wait is bounded)."""
+    async with trio.open_nursery() as nursery:
+        link = FakeLink(replies={"join": ["ok"], "leave": 1, "claim": ["ok"]})
+        hub = make_hub(nursery, link)
+        a = FakeMember("a", "A")
+        [task] = await joined(hub, a, join_event("a", HERE, others=[("b", THERE)]), nursery)
+        assert task is not None
+        failed: list[str] = []
+
+        async def resume() -> None:
+            with pytest.raises(ResumeFailed) as caught:
+                await hub.resume("r.b.secret", FakeMember)
+            failed.append(str(caught.value))
+
+        nursery.start_soon(resume)
+        await settle()
+        link.full = True  # after the claim went
+        await hub.dispatch(moved("b", HERE, THERE))
+        await settle()
+        assert link.told == [] and "unavailable" in failed[0]
+        assert link.left_soon == [("r", "b")]
+        await hub.dispatch({"r": "r", "k": "leave", "p": "b"})
+        await settle()
+        assert a.frames[-1] == {"type": "user-left", "roomId": "r", "peerId": "b", "username": "B"}
+        # On the former node: a member of this node resumed elsewhere, with no way to hand over.
+        c = FakeMember("c", "C")
+        link.full = False
+        await joined(hub, c, join_event("c", HERE), nursery)
+        await task.suspend(c, [], 1024)
+        link.full = True
+        await hub.dispatch(moved("c", THERE, HERE))
+        await settle()
+        assert link.told == [] and a.frames[-1]["type"] == "user-joined"  # c joined, never left
+        link.full = False
+        await task.relay("a", "c", b'{"type":"webrtc-offer"}', None, trio.current_time())
+        await settle()
+        assert link.relayed == [("r", "a", "c", b'{"type":"webrtc-offer"}')]  # to c's new node
+        nursery.cancel_scope.cancel()
+
