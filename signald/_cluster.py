@@ -116,7 +116,7 @@ CLAIM_REFUSALS = {
     "dead": "the session has ended: the server that held it is gone",
 }
 HANDOVER_LATE = "the session could not be taken over: the server that held it did not hand it over in time"
-UNAVAILABLE = "the cluster is unavailable (redis unreachable); try again"
+UNAVAILABLE = "the cluster is unavailable (redis unreachable or too far behind); try again"
 
 
 @attrs.frozen
@@ -236,8 +236,7 @@ _LinkCommand = _Event | _Relay | _Sync | _Lost | _Refuse
 
 
 def _unavailable(request_id: m.RequestId = None) -> bytes:
-    text = "the cluster is unavailable (redis unreachable or too far behind); try again"
-    return m.encode_error(m.CLUSTER_UNAVAILABLE, text, request_id)
+    return m.encode_error(m.CLUSTER_UNAVAILABLE, UNAVAILABLE, request_id)
 
 
 class ClusterRoomTask(RoomTask):
