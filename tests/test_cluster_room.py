@@ -295,10 +295,11 @@ def moved(peer: str, to: str, origin: str) -> dict[str, Any]:
     return {"r": "r", "k": "moved", "p": peer, "u": peer.upper(), "t": WHEN, "n": to, "f": origin}
 
 
-async def resumed_here(
-    hub: ClusterHub, token: str, event: dict[str, Any], nursery: trio.Nursery
-) -> tuple[list[Any], FakeMember]:
-    """Resume with ``token`` here; Redis says yes and then publishes ``event``."""
+async def claimed(
+    hub: ClusterHub, token: str, nursery: trio.Nursery, request_id: str | None = None
+) -> tuple[list[Any], list[FakeMember]]:
+    """Start a resume with ``token`` here, up to its claim in Redis (which says yes): what the
+    resume returns, once it does, and the members it connects."""
     outcome: list[Any] = []
     made: list[FakeMember] = []
 
@@ -307,11 +308,35 @@ async def resumed_here(
         return made[-1]
 
     async def resume() -> None:
-        outcome.append(await hub.resume(token, connect, "back"))
+        outcome.append(await hub.resume(token, connect, request_id))
 
     nursery.start_soon(resume)
     await settle()
     assert outcome == []  # claimed in Redis, carried out when its event comes
+    return outcome, made
+
+
+async def failing_claim(hub: ClusterHub, token: str, nursery: trio.Nursery) -> list[str]:
+    """Start a resume with ``token`` here, up to its claim in Redis, that must fail after:
+    its ``resume-failed`` message, once it has."""
+    failed: list[str] = []
+
+    async def resume() -> None:
+        with pytest.raises(ResumeFailed) as caught:
+            await hub.resume(token, FakeMember)
+        failed.append(str(caught.value))
+
+    nursery.start_soon(resume)
+    await settle()
+    assert failed == []
+    return failed
+
+
+async def resumed_here(
+    hub: ClusterHub, token: str, event: dict[str, Any], nursery: trio.Nursery
+) -> tuple[list[Any], FakeMember]:
+    """Resume with ``token`` here; Redis says yes and then publishes ``event``."""
+    outcome, made = await claimed(hub, token, nursery, "back")
     await hub.dispatch(event)
     await settle()
     return outcome, made[0]
@@ -370,18 +395,7 @@ async def test_a_member_resumed_here_from_another_node_waits_for_the_handover_an
         a = FakeMember("a", "A")
         [task] = await joined(hub, a, join_event("a", HERE, others=[("b", THERE)]), nursery)
         assert task is not None
-        outcome: list[Any] = []
-        made: list[FakeMember] = []
-
-        def connect(peer_id: str, username: str) -> FakeMember:
-            made.append(FakeMember(peer_id, username))
-            return made[-1]
-
-        async def resume() -> None:
-            outcome.append(await hub.resume("r.b.secret", connect))
-
-        nursery.start_soon(resume)
-        await settle()
+        outcome, made = await claimed(hub, "r.b.secret", nursery)
         await hub.dispatch(moved("b", HERE, THERE))
         await settle()
         [b2] = made
@@ -420,15 +434,7 @@ async def test_refused_claims_and_a_handover_that_never_comes_fail_the_resume(
             await hub.resume("r.b.secret", FakeMember)
         link.available = True
         link.replies["claim"] = ["ok"]
-        failed: list[str] = []
-
-        async def resume() -> None:
-            with pytest.raises(ResumeFailed) as caught:
-                await hub.resume("r.b.secret", FakeMember)
-            failed.append(str(caught.value))
-
-        nursery.start_soon(resume)
-        await settle()
+        failed = await failing_claim(hub, "r.b.secret", nursery)
         await hub.dispatch(moved("b", HERE, THERE))
         await hub.dispatch({"r": "r", "k": "mark", "p": "b"})
         await settle()
@@ -551,18 +557,7 @@ async def test_a_full_backlog_keeps_a_resume_s_moved_handover_and_mark_in_order(
         a = FakeMember("a", "A", capacity=100_000)
         [task] = await joined(hub, a, join_event("a", HERE, others=[("b", THERE), ("c", THERE)]), nursery)
         assert task is not None
-        made: list[FakeMember] = []
-        outcome: list[Any] = []
-
-        def connect(peer_id: str, username: str) -> FakeMember:
-            made.append(FakeMember(peer_id, username))
-            return made[-1]
-
-        async def resume() -> None:
-            outcome.append(await hub.resume("r.b.secret", connect))
-
-        nursery.start_soon(resume)
-        await settle()
+        outcome, made = await claimed(hub, "r.b.secret", nursery)
         a.frames.clear()
         fits = 1 + CHANNEL_SIZE + 1024 // len(candidate(0))
         for i in range(fits + 5):  # from c, on the other node: the last 5 dropped
@@ -594,15 +589,7 @@ async def test_a_full_queue_to_redis_fails_a_resume_here_and_loses_a_handover_th
         a = FakeMember("a", "A")
         [task] = await joined(hub, a, join_event("a", HERE, others=[("b", THERE)]), nursery)
         assert task is not None
-        failed: list[str] = []
-
-        async def resume() -> None:
-            with pytest.raises(ResumeFailed) as caught:
-                await hub.resume("r.b.secret", FakeMember)
-            failed.append(str(caught.value))
-
-        nursery.start_soon(resume)
-        await settle()
+        failed = await failing_claim(hub, "r.b.secret", nursery)
         link.full = True  # after the claim went
         await hub.dispatch(moved("b", HERE, THERE))
         await settle()
