@@ -18,7 +18,11 @@ The room task's one wait has a deadline, and that deadline is the only timer a r
 idle TTL of an empty posted room, or the end of the earliest grace of a suspended member.
 A resume token names its room, so finding the seat it belongs to is the same lookup as a
 join's; no table of live tokens exists to share between processes. The hub only remembers,
-within a bound, tokens that stopped working and why, to answer a late resume in words.
+within a bound, tokens that stopped working and why, to answer a late resume in words. A
+cluster (``_cluster``) checks a token in Redis, which keeps only a digest of each member's
+current one, and moves the seat to whichever node the member resumes on; what it changes
+here is how a suspended member's time runs out (``RoomTask._expire``: through Redis) and
+what a drain does with the members it suspended (``RoomHub.hand_over``: waits for claims).
 
 Metrics are reported where the facts are: the room task tells its observer (``_metrics``) each
 relay's time from the read that brought it, and how many members a command removed (a leave, or
@@ -262,6 +266,14 @@ class RoomTask:
         if len(room.seats) < present:
             observer.left(present - len(room.seats))
 
+    def _expire(self, now: float) -> None:
+        """End the suspended members whose time is up (the room task's timer: see the top)."""
+        room = self.room
+        present = len(room.seats)
+        for peer_id in room.expire(now):
+            log.info("room %s: %s left, not back within %g s", room.id, peer_id, room.resume_grace)
+        self._observer.left(present - len(room.seats))
+
     def _holds_seat(self, member: Member) -> bool:
         """Whether ``member``'s connection speaks for its seat (see :meth:`Room.leave`)."""
         seat = self.room.seats.get(member.peer_id)
@@ -311,10 +323,7 @@ class RoomTask:
                 # Reached with the channel empty and no await since it was seen empty.
                 now = trio.current_time()
                 if room.suspended and room.next_expiry <= now:
-                    present = len(room.seats)
-                    for peer_id in room.expire(now):
-                        log.info("room %s: %s left, not back within %g s", room.id, peer_id, room.resume_grace)
-                    self._observer.left(present - len(room.seats))
+                    self._expire(now)
                 if self._occupied():
                     continue
                 if self._ends(now, idle_since):
@@ -506,6 +515,13 @@ class RoomHub:
         if member is None:
             raise ResumeFailed(self._retired.get(token, TOKEN_UNKNOWN))
         return task, member
+
+    async def hand_over(self, deadline: float) -> None:
+        """Draining: what to do with the members the drain suspended, until ``deadline``.
+
+        In one process nobody can take them over: the drain ends sessions at once instead (see
+        ``_server``). A cluster hub waits for other nodes to claim them.
+        """
 
     def _retire(self, token: str, why: str) -> None:
         self._retired[token] = why

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from datetime import UTC, datetime
 
@@ -34,6 +35,11 @@ def resume_token_seat(token: str) -> tuple[str, str] | None:
     if len(parts) != 3 or not (ROOM_ID.fullmatch(parts[0]) and PEER_ID.fullmatch(parts[1]) and parts[2]):
         return None
     return parts[0], parts[1]
+
+
+def resume_token_digest(token: str) -> str:
+    """What the cluster's Redis keeps of a resume token, to check one: never the token itself."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def utc_now() -> datetime:

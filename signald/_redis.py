@@ -34,12 +34,28 @@ Design rules:
    (``cluster-unavailable`` to its sender), a join or a room creation is told "unavailable",
    exactly as in an outage, while relays between members of this node go on (they never
    enter the queue). A leave refused so is kept, as in an outage, and queued again once a
-   batch has been answered. The queue is counted in bytes, not items: a relay's frame can be
-   64 KiB or 100 bytes, and memory is what the bound is for.
+   batch has been answered. A resume is refused as a join is; a handover (or a node's mark to
+   itself) refused so fails the resume, as if lost with the link. A barrier (``flushed``)
+   holds no bytes and is always taken, to wait behind the rest. The queue is counted in
+   bytes, not items: a relay's frame can be 64 KiB or 100 bytes, and memory is what the bound
+   is for.
+7. **Redis routes relays to other nodes.** A relay to a member of another node goes to
+   Redis without a node: one script per writer batch (``ROUTE``) looks up each addressee's
+   node in its room's members and publishes there, still one ``PUBLISH`` per node per batch.
+   A member can move between nodes (a resume elsewhere: ``claim``), and Redis runs the claim
+   and the routing one after the other, so each relay lands at the node that holds the
+   member at that point of Redis' order, and a sender never needs to hear of the move first.
+   (A mirror's node would be stale for as long as the move takes to reach the sender.)
+8. **A resume token is checked in Redis, never stored there.** A member's entry holds the
+   SHA-256 digest of its current token (set at join, replaced by each resume), so any node
+   can check a token and no secret is kept where every node can read it. The digest of 192
+   random bits cannot be steered, so comparing digests needs no constant-time compare.
 
 Room keys share the ``{room}`` hash tag. The script also touches global keys (the room index,
-the user count, the node registry), so on a Redis Cluster those would move to a step of
-their own; one Redis (with a replica, if wanted) is what this is built and tested for.
+the user count, the node registry, and in ``claim`` the member's former node's keys), and
+``ROUTE`` reads the members of each room it routes for without declaring them, so on a Redis
+Cluster those would move to a step of their own; one Redis (with a replica, if wanted) is
+what this is built and tested for.
 """
 
 from __future__ import annotations
@@ -113,6 +129,8 @@ local function send_all(event)
   local text = cjson.encode(event)
   for _, n in ipairs(redis.call('HKEYS', room_nodes)) do redis.call('PUBLISH', CHANNEL .. n, text) end
 end
+-- A member's entry (the value in the members hash, by peer id): {node, username, joined at,
+-- order, digest of its resume token ('' when resume is off)}.
 -- Members as {peer, username, node, joined at, order}, in join order.
 local function members_in_order()
   local list, raw = {}, redis.call('HGETALL', members)
@@ -127,9 +145,9 @@ local function room_meta()
   local m = redis.call('HMGET', meta, 'name', 'max', 'created', 'persistent')
   return {m[1], tonumber(m[2]), m[3], m[4] == '1'}
 end
-local function add(peer, username, joined_at)
+local function add(peer, username, joined_at, digest)
   local order = redis.call('HINCRBY', meta, 'seq', 1)
-  redis.call('HSET', members, peer, cjson.encode({node, username, joined_at, order}))
+  redis.call('HSET', members, peer, cjson.encode({node, username, joined_at, order, digest}))
   redis.call('INCR', users)
   redis.call('ZADD', index, '+inf', room)
   redis.call('SADD', node_rooms, room)
@@ -158,7 +176,8 @@ local function settle(now, idle)
 end
 
 if op == 'join' then
-  -- 4 peer, 5 username, 6 joined at, 7 auto-create '1'/'0', 8 default capacity, 9 max rooms
+  -- 4 peer, 5 username, 6 joined at, 7 auto-create '1'/'0', 8 default capacity, 9 max rooms,
+  -- 10 digest of the member's resume token
   if redis.call('EXISTS', meta) == 0 then
     if ARGV[7] ~= '1' then return {'room-not-found'} end
     if redis.call('ZCARD', index) >= tonumber(ARGV[9]) then return {'too-many-rooms'} end
@@ -167,7 +186,7 @@ if op == 'join' then
   local max = tonumber(redis.call('HGET', meta, 'max'))
   if redis.call('HLEN', members) >= max then return {'room-full', tostring(max)} end
   local others = members_in_order()
-  local first = add(ARGV[4], ARGV[5], ARGV[6])
+  local first = add(ARGV[4], ARGV[5], ARGV[6], ARGV[10])
   local event = {r = room, k = 'join', p = ARGV[4], u = ARGV[5], n = node, t = ARGV[6]}
   local text = cjson.encode(event)
   for _, n in ipairs(redis.call('HKEYS', room_nodes)) do
@@ -207,7 +226,7 @@ elseif op == 'forget' then
   redis.call('SREM', all_nodes, node)
   return 1
 elseif op == 'sync' then
-  -- 4 this node's members of the room, JSON [[peer, username, joined at], ...], 5 prune '1'/'0',
+  -- 4 this node's members of the room, JSON [[peer, username, joined at, digest], ...], 5 prune '1'/'0',
   -- 6 name, 7 capacity, 8 created at, 9 persistent '1'/'0' (to recreate a room Redis lost)
   if redis.call('EXISTS', meta) == 0 then
     redis.call('HSET', meta, 'name', ARGV[6], 'max', ARGV[7], 'created', ARGV[8], 'persistent', ARGV[9], 'seq', 0)
@@ -218,13 +237,55 @@ elseif op == 'sync' then
     if m[3] == node and not here[m[1]] then remove(m[1], false) end
   end
   for _, m in ipairs(held) do
-    if redis.call('HEXISTS', members, m[1]) == 0 then
-      add(m[1], m[2], m[3])
+    local value = redis.call('HGET', members, m[1])
+    if not value then
+      add(m[1], m[2], m[3], m[4])
       send_all({r = room, k = 'join', p = m[1], u = m[2], n = node, t = m[3]})
+    else
+      local v = cjson.decode(value)
+      if v[1] == node and v[5] ~= m[4] then  -- a resume here while Redis was away: its token now
+        v[5] = m[4]
+        redis.call('HSET', members, m[1], cjson.encode(v))
+      end
     end
   end
   send(node, {r = room, k = 'sync', m = members_in_order(), meta = room_meta(), prune = ARGV[5] == '1'})
   return 1
+elseif op == 'claim' then
+  -- 4 peer, 5 digest of the token presented, 6 digest of the token that replaces it.
+  -- The member moves to node ARGV[3] (or stays, if it is there): from now on Redis routes its
+  -- relays here. Its former node hears 'moved' and hands over what it kept for it.
+  local value = redis.call('HGET', members, ARGV[4])
+  if not value then return {'gone'} end
+  local v = cjson.decode(value)
+  if v[5] ~= ARGV[5] then return {'used'} end
+  local from = v[1]
+  if from ~= node and redis.call('EXISTS', CHANNEL .. from .. ':lease') == 0 then return {'dead'} end
+  v[1], v[5] = node, ARGV[6]
+  redis.call('HSET', members, ARGV[4], cjson.encode(v))
+  local event = {r = room, k = 'moved', p = ARGV[4], u = v[2], t = v[3], n = node, f = from}
+  if from == node then
+    send(node, event)
+    return {'ok'}
+  end
+  if redis.call('HINCRBY', room_nodes, from, -1) <= 0 then
+    redis.call('HDEL', room_nodes, from)
+    redis.call('SREM', CHANNEL .. from .. ':rooms', room)
+    send(from, event)  -- no longer a node of the room, but it must hand over
+  end
+  redis.call('SADD', node_rooms, room)
+  local first = redis.call('HINCRBY', room_nodes, node, 1) == 1
+  local text = cjson.encode(event)
+  for _, n in ipairs(redis.call('HKEYS', room_nodes)) do
+    if n == node and first then  -- this node's first member in the room: it needs a snapshot
+      event.m = members_in_order()
+      event.meta = room_meta()
+      send(n, event)
+    else
+      redis.call('PUBLISH', CHANNEL .. n, text)
+    end
+  end
+  return {'ok'}
 elseif op == 'create' then
   -- 4 name, 5 capacity, 6 created at, 7 max rooms, 8 expiry (ms)
   if redis.call('EXISTS', meta) == 1 then return {'exists'} end
@@ -243,6 +304,30 @@ elseif op == 'expire' then
   return 0
 end
 return redis.error_reply('unknown operation ' .. op)
+"""
+
+ROUTE = r"""
+-- A writer batch's relays, by addressee. ARGV: room, addressee, its lines; room, addressee,
+-- its lines; ... (each addressee once; its lines in order, joined by newlines). They go to the
+-- node that holds the addressee now, one PUBLISH per node; relays to a member no longer in
+-- its room are dropped (as its node would drop them).
+local CHANNEL = 'signald:node:'
+local lines, nodes = {}, {}
+for i = 1, #ARGV, 3 do
+  local value = redis.call('HGET', 'signald:{' .. ARGV[i] .. '}:members', ARGV[i + 1])
+  local node = value and string.match(value, '^%["([^"]*)"')  -- node ids need no escapes
+  if node then
+    local batch = lines[node]
+    if not batch then
+      batch = {}
+      lines[node] = batch
+      nodes[#nodes + 1] = node
+    end
+    batch[#batch + 1] = ARGV[i + 2]
+  end
+end
+for _, node in ipairs(nodes) do redis.call('PUBLISH', CHANNEL .. node, table.concat(lines[node], '\n')) end
+return #nodes
 """
 
 
@@ -264,7 +349,7 @@ class Listener(Protocol):
 
 @attrs.define(eq=False)
 class _Item:
-    """One queued Redis command: a script call or a relay."""
+    """One queued Redis command: a script call, a relay, a message to one node, or a barrier."""
 
     args: tuple[Any, ...]
     #: What it counts against ``cluster.send_queue_bytes``: the bytes it sends.
@@ -301,6 +386,7 @@ class RedisLink:
         self._attached = trio.Event()
         self._client: coredis.Redis[str] | None = None
         self._sha = ""
+        self._route_sha = ""
         # Unbounded in items, bounded in bytes by ``_enqueue``: see rule 6.
         self._send, self._receive = trio.open_memory_channel[_Item](math.inf)
         self._in_flight: list[_Item] = []
@@ -335,9 +421,10 @@ class RedisLink:
 
     def _enqueue(self, item: _Item) -> bool:
         """Queue ``item`` for the writer; False if Redis is away or the queue is full (rule 6)."""
-        if not self.available or self._full:
+        if not self.available:
             return False
-        if self.queued_bytes and self.queued_bytes + item.size > self._queue_limit:
+        # A barrier (``flushed``, no bytes) costs no memory and is meant to wait behind the rest.
+        if item.size and (self._full or (self.queued_bytes and self.queued_bytes + item.size > self._queue_limit)):
             self._full = True  # cleared when a batch is answered: there is one in flight
             return False
         self.queued_bytes += item.size
@@ -359,8 +446,9 @@ class RedisLink:
         item.on_fail = on_fail
         return self._enqueue(item)
 
-    def relay(self, node: str, room: str, sender_id: str, to: str, text: bytes, on_fail: Callable[[], None]) -> bool:
-        """Send a relay to ``node`` in this node's order; False now if Redis is away, ``on_fail`` if lost.
+    def relay(self, room: str, sender_id: str, to: str, text: bytes, on_fail: Callable[[], None]) -> bool:
+        """Send a relay to the node that holds ``to`` (Redis knows which: rule 7), in this
+        node's order; False now if Redis is away, ``on_fail`` if lost.
 
         On the wire a relay is one line, ``room TAB sender TAB to TAB frame``: ids never hold a
         tab and a frame (JSON, which escapes every control character) never holds a raw tab or
@@ -368,7 +456,20 @@ class RedisLink:
         node travel in one message.
         """
         line = b"\t".join((room.encode(), sender_id.encode(), to.encode(), text))
-        return self._enqueue(_Item(("relay", channel(node), line), len(line), on_fail=on_fail))
+        return self._enqueue(_Item(("relay", room, to, line), len(line), on_fail=on_fail))
+
+    def tell(self, node: str, event: dict[str, Any]) -> bool:
+        """Publish ``event`` to ``node``'s channel, in this node's order (after every relay
+        queued before it); False if Redis is unavailable (away, or the queue full: rule 6). Its
+        listener gets it as it gets the script's."""
+        text = json.dumps(event)
+        return self._enqueue(_Item(("publish", channel(node), text), len(text)))
+
+    async def flushed(self) -> None:
+        """Wait until everything queued before has reached Redis (or failed to)."""
+        done = trio.Event()
+        if self._enqueue(_Item(("ping",), 0, done)):  # no bytes: a full queue takes it too
+            await done.wait()
 
     async def leave(self, room: str, peer_id: str) -> bool:
         """``peer_id`` leaves ``room`` in Redis (whose event removes it from the room task)."""
@@ -433,8 +534,10 @@ class RedisLink:
             meta_key, members_key, _ = room_keys(room_id)
             async with client.pipeline(transaction=False) as pipe:
                 meta, raw = pipe.hgetall(meta_key), pipe.hgetall(members_key)
-            # Each value is [node, username, joined at, join order]; the key is the peer id.
-            entries = sorted(([*json.loads(value), peer] for peer, value in (await raw).items()), key=lambda e: e[3])
+            # Each value is [node, username, joined at, join order, token digest]; the key is the peer id.
+            entries = sorted(
+                ([*json.loads(value)[:4], peer] for peer, value in (await raw).items()), key=lambda e: e[3]
+            )
             members = tuple(
                 MemberInfo(peer, username, datetime.fromisoformat(at)) for _, username, at, _, peer in entries
             )
@@ -511,6 +614,7 @@ class RedisLink:
     async def _serve_connection(self, client: coredis.Redis[str]) -> None:
         assert self._listener is not None
         self._sha = await client.script_load(SCRIPT)
+        self._route_sha = await client.script_load(ROUTE)
         # Subscribed before anything is registered, so nothing published to us is missed.
         async with client.pubsub(
             channels=[channel(self.node)],
@@ -554,15 +658,27 @@ class RedisLink:
             self._in_flight = batch
             async with client.pipeline(transaction=False) as pipe:
                 scripts = []
-                # Relays between two scripts go out grouped by node, a message per node: the
-                # order that matters (a member's relays, then its leave) is kept.
-                relays: dict[str, list[bytes]] = {}
+                # Relays between two other items go out in one ``ROUTE``, grouped by addressee
+                # here and by node there, a message per node: the order that matters (a
+                # sender's relays to one member, then its leave) is kept.
+                relays: dict[tuple[str, str], list[bytes]] = {}
                 for item in batch:
-                    if item.args[0] == "script":
-                        self._flush(pipe, relays)
+                    kind = item.args[0]
+                    if kind == "relay":
+                        _, room, to, line = item.args
+                        lines = relays.get((room, to))
+                        if lines is None:
+                            relays[room, to] = [line]
+                        else:
+                            lines.append(line)
+                        continue
+                    self._flush(pipe, relays)
+                    if kind == "script":
                         scripts.append((item, pipe.evalsha(self._sha, keys=item.args[1], args=item.args[2])))
+                    elif kind == "publish":
+                        pipe.publish(item.args[1], item.args[2])
                     else:
-                        relays.setdefault(item.args[1], []).append(item.args[2])
+                        scripts.append((item, pipe.ping()))  # a barrier: ``flushed``
                 self._flush(pipe, relays)
             for item, reply in scripts:
                 item.result = await reply
@@ -574,11 +690,13 @@ class RedisLink:
             if self._orphans:  # leaves the full queue refused: there is room for them now
                 self._send_orphans()
 
-    @staticmethod
-    def _flush(pipe: Any, relays: dict[str, list[bytes]]) -> None:
-        for node_channel, lines in relays.items():
-            pipe.publish(node_channel, b"\n".join(lines))
-        relays.clear()
+    def _flush(self, pipe: Any, relays: dict[tuple[str, str], list[bytes]]) -> None:
+        if relays:
+            args: list[str | bytes] = []
+            for (room, to), lines in relays.items():
+                args += (room, to, lines[0] if len(lines) == 1 else b"\n".join(lines))
+            pipe.evalsha(self._route_sha, keys=[], args=args)
+            relays.clear()
 
     async def _renew(self, client: coredis.Redis[str]) -> bool:
         """Renew the lease; False if it had lapsed (Redis restarted, or we were swept)."""

@@ -97,6 +97,10 @@ def _ignore(token: str, why: str) -> None:
     pass
 
 
+def _ignore_overflow(peer_id: str) -> None:
+    pass
+
+
 @attrs.define
 class Room:
     id: str
@@ -117,6 +121,9 @@ class Room:
     #: elsewhere (the cluster's script in Redis): the overflowing connection closes, and its
     #: leave comes back in the room's order like any other.
     evicts: bool = True
+    #: Where the room does not evict (``evicts`` off), told the id of a suspended member whose
+    #: kept frames overflowed (each time a frame is refused), so its end is decided there too.
+    kept_overflowed: Callable[[str], None] = _ignore_overflow
     #: Peer ids of suspended members, oldest suspension first.
     suspended: dict[str, None] = attrs.field(factory=dict, init=False)
     _evicted: list[str] = attrs.field(factory=list, init=False)
@@ -249,6 +256,16 @@ class Room:
         self._settle()
         return ended
 
+    def end(self, peer_id: str, why: str) -> None:
+        """Remove ``peer_id`` whatever its connection's state (``why``: one of ``TOKEN_*``).
+
+        For rooms whose membership is decided elsewhere (the cluster's script in Redis), which
+        tells the room that a suspended member's session has ended.
+        """
+        if peer_id in self.seats:
+            self._remove(peer_id, why)
+            self._settle()
+
     def relay(self, sender_id: str, to: str, text: bytes, request_id: m.RequestId = None) -> str | None:
         """Deliver a pre-encoded relay frame from ``sender_id`` to ``to``, if both are here.
 
@@ -278,8 +295,12 @@ class Room:
 
     def _deliver(self, seat: Seat, text: bytes) -> None:
         delivered = seat.member.deliver(text) if seat.kept is None else seat.kept.add(text)
-        if not delivered and self.evicts and seat.member.peer_id not in self._evicted:
-            self._evicted.append(seat.member.peer_id)
+        if not delivered:
+            if not self.evicts:
+                if seat.kept is not None:
+                    self.kept_overflowed(seat.member.peer_id)
+            elif seat.member.peer_id not in self._evicted:
+                self._evicted.append(seat.member.peer_id)
 
     def _broadcast(self, text: bytes, exclude: str | None = None) -> None:
         """One encoded frame, handed to every member: encoded once, not once per recipient."""

@@ -11,9 +11,14 @@ connection. Shutdown (``shutdown()``, called on SIGTERM/SIGINT) drains in this o
    the first request of a connection accepted just before; keep-alive connections idling
    between requests are closed. Upgrades are refused meanwhile, and /health answers 503
    unless the socket came from systemd (whose port stays served).
-3. Ask every WebSocket to close with 1001.
+3. Ask every WebSocket to close with 1001. In one process that ends its member's session
+   (nobody else could take it over). In cluster mode the reason says the session may be
+   resumed on another node, and its member is suspended, as for a lost connection.
 4. Once every connection has ended, or ``server.shutdown_grace`` has passed, cancel what is
    left. Nothing in progress is cancelled before that.
+5. In cluster mode, wait for the suspended members to be resumed on other nodes (each is
+   handed over as it is claimed), until ``server.shutdown_grace`` has passed since step 3;
+   then the rest leave, through Redis (``RoomHub.hand_over``).
 
 The room store, when there is one, encloses both nurseries, so it is opened (and its rooms
 restored) before anything listens and finishes writing after the last room task has stopped.
@@ -51,6 +56,11 @@ from ._turn import IceServers
 from ._websocket import CLOSE_GOING_AWAY
 
 log = logging.getLogger("signald")
+
+#: The 1001 close reasons of a drain: in one process the session ends; in a cluster another
+#: node can take it over (docs/protocol.md names both).
+SHUTTING_DOWN = "server shutting down"
+SHUTTING_DOWN_RESUME = "server shutting down; resume on another node"
 
 #: accept(2) failures that mean "out of file descriptors or memory for now", not a broken
 #: listener (as in trio.serve_listeners): wait a moment and accept again.
@@ -146,7 +156,7 @@ class Server:
     async def _serve_websocket(self, websocket: WebSocket) -> None:
         self._websockets.add(websocket)
         if self.draining:
-            websocket.close(CLOSE_GOING_AWAY, "server shutting down")
+            websocket.close(CLOSE_GOING_AWAY, SHUTTING_DOWN)
         try:
             await websocket.run()
         finally:
@@ -336,15 +346,21 @@ class Server:
             )
             for connection in list(self._connections):
                 connection.close_if_idle()
+            clustered = bool(self.config.cluster.redis_url)
             for websocket in list(self._websockets):
-                websocket.close(CLOSE_GOING_AWAY, "server shutting down")
+                if clustered:
+                    websocket.close(CLOSE_GOING_AWAY, SHUTTING_DOWN_RESUME, keep_seat=True)
+                else:
+                    websocket.close(CLOSE_GOING_AWAY, SHUTTING_DOWN)
             if not self._connections:
                 self._connections_gone.set()
-            with trio.move_on_after(server_config.shutdown_grace):
+            grace_ends = trio.current_time() + server_config.shutdown_grace
+            with trio.move_on_at(grace_ends):
                 await self._connections_gone.wait()
             if self._connections:
                 log.warning("shutdown_grace passed: cutting %d connection(s)", len(self._connections))
             connections.cancel_scope.cancel()
+        await hub.hand_over(grace_ends)
 
 
 async def _reuse_port_listeners(host: str, port: int) -> list[trio.SocketListener]:

@@ -35,7 +35,8 @@ What it decides (a relay of some type, an error code, an eviction) is also told 
 Rule 2: the room hears at once how a connection ended, in the same step the session decides
 it, not after the close handshake has run its course. Ended on purpose (``leave-room``, the
 client's close with 1000, 1001 or no code, or the server's close for shutdown, eviction, rate, a
-protocol failure), the member leaves: :class:`Leave`, and the room sends ``user-left`` then.
+protocol failure), the member leaves: :class:`Leave`, and the room sends ``user-left`` then. (A
+cluster's drain closes with ``keep_seat``: another node may take the session over.)
 Lost (EOF or a reset without a close frame, a ping timeout, the client's close with any other
 code), the member is suspended: :class:`Suspend` carries the text frames still queued, never
 written, and the room keeps them and the seat for ``rooms.resume_grace``, for a ``resume``.

@@ -119,9 +119,10 @@ class WebSocket:
         #: The reader's current cancel scope: cancelled to make it look at the session now.
         self._scope: trio.CancelScope | None = None
 
-    def close(self, code: int, reason: str) -> None:
-        """Close from outside the connection (shutdown)."""
-        self.session.close(code, reason, trio.current_time())
+    def close(self, code: int, reason: str, *, keep_seat: bool = False) -> None:
+        """Close from outside the connection (shutdown); ``keep_seat``: suspend its member, for a
+        resume elsewhere, instead of ending its session."""
+        self.session.close(code, reason, trio.current_time(), keep_seat=keep_seat)
         self._wake()
 
     def _overflowed(self) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import trio
+from trio_websocket import ConnectionClosed
 
 from ._clients import TIMEOUT, Client, connect, http_request
 from ._nodes import NODE_TIMEOUT, Node, node_factory
@@ -221,18 +222,47 @@ async def test_a_stalled_node_is_swept_then_registers_its_members_again(tmp_path
             assert sorted(await room_members(one, "r")) == sorted([a.client.peer_id, b.client.peer_id])
 
 
-async def test_a_node_stopped_with_sigterm_lets_its_members_leave_at_once(tmp_path: Path) -> None:
-    """A rolling restart: the drain's leaves go through Redis, no waiting for node_timeout;
-    and the rooms live in Redis, not in any node."""
+async def test_a_node_stopped_with_sigterm_hands_its_members_over_to_another(tmp_path: Path) -> None:
+    """A rolling restart: the drained member resumes on the other node, and nobody notices."""
     async with redis_server() as redis, node_factory(tmp_path, redis.url) as start:
         one, two = await start(2)
+        async with watching(one.port, "r", "a") as a, connect(two.port) as b:
+            joined = await b.join("r", "b")
+            await a.wait_for(lambda _: a.members() == {b.peer_id}, "b joined", TIMEOUT)
+            await a.client.send(type="webrtc-offer", to=b.peer_id, sdp="before")
+            await b.expect("webrtc-offer", sdp="before")
+            two.process.terminate()
+            with trio.fail_after(TIMEOUT), pytest.raises(ConnectionClosed) as closed:
+                await b.ws.get_message()
+            assert (closed.value.reason.code, closed.value.reason.reason) == (
+                1001,
+                "server shutting down; resume on another node",
+            )
+            await a.client.send(type="webrtc-offer", to=b.peer_id, sdp="while away")
+            async with connect(one.port) as b2:
+                await b2.send(type="resume", token=joined["resumeToken"])
+                await b2.expect("resumed", peerId=b.peer_id)
+                await b2.expect("webrtc-offer", sdp="while away")
+                await b2.send(type="webrtc-answer", to=a.client.peer_id, sdp="after")
+                await a.wait_for(lambda f: any(x.get("sdp") == "after" for x in f), "b's answer", TIMEOUT)
+                with trio.fail_after(TIMEOUT):
+                    await two.process.wait()  # it stopped once b was handed over, not at shutdown_grace
+                assert [f["type"] for f in a.frames].count("user-left") == 0
+                assert a.members() == {b.peer_id}
+
+
+async def test_a_node_stopped_with_sigterm_lets_its_members_leave_when_nobody_resumes(tmp_path: Path) -> None:
+    """The drain's leaves go through Redis, once server.shutdown_grace is over, no waiting for
+    node_timeout; and the rooms live in Redis, not in any node."""
+    async with redis_server() as redis, node_factory(tmp_path, redis.url) as start:
+        one, two = await start(2, server={"shutdown_grace": 0.5})
         async with watching(one.port, "r", "a") as a:
             with trio.CancelScope() as gone:
                 async with connect(two.port) as b:
                     await b.join("r", "b")
                     await a.wait_for(lambda _: a.members() == {b.peer_id}, "b joined", TIMEOUT)
                     two.process.terminate()
-                    await a.wait_for(lambda _: a.members() == set(), "b left with the drain", NODE_TIMEOUT)
+                    await a.wait_for(lambda _: a.members() == set(), "b left with the drain", NODE_TIMEOUT + 0.5)
                     gone.cancel()
             assert (await one.health())["users"] == 1
             assert "is gone" not in one.log  # b left in the drain, not in a sweep for a dead node
@@ -386,3 +416,25 @@ async def test_the_smallest_queue_to_redis_still_carries_the_largest_message() -
 async def connect_and_join(port: int, room: str, name: str) -> None:
     async with connect(port) as client:
         await client.join(room, name)
+
+
+async def test_a_resume_whose_former_node_was_killed_fails_and_the_member_leaves(tmp_path: Path) -> None:
+    """kill -9 takes what was kept with it: a resume elsewhere gets resume-failed (bounded by
+    node_timeout), never a hang, and the member leaves everywhere."""
+    async with redis_server() as redis, node_factory(tmp_path, redis.url) as start:
+        one, two = await start(2)
+        async with watching(one.port, "r", "a") as a:
+            async with connect(two.port) as b:
+                joined = await b.join("r", "b")
+                await a.wait_for(lambda _: a.members() == {b.peer_id}, "b joined", TIMEOUT)
+                two.kill()
+            async with connect(one.port) as b2:
+                with trio.fail_after(SETTLE):
+                    await b2.send(type="resume", token=joined["resumeToken"])
+                    failed = await b2.expect("error", code="resume-failed")
+                assert "gone" in failed["message"] or "in time" in failed["message"], failed
+                await a.wait_for(lambda _: a.members() == set(), "b left", SETTLE)
+                await b2.join("r", "b again")  # the connection stays usable
+                await a.wait_for(lambda _: len(a.members()) == 1, "b again joined", TIMEOUT)
+            user_lefts = [f for f in a.frames if f["type"] == "user-left" and f["peerId"] == joined["peerId"]]
+            assert len(user_lefts) == 1, a.frames

@@ -17,8 +17,9 @@ import trio
 import trio.testing
 
 from signald._cluster import ClusterHub
-from signald._config import Config, LimitsConfig, RoomsConfig
+from signald._config import ClusterConfig, Config, LimitsConfig, RoomsConfig
 from signald._hub import CHANNEL_SIZE, ResumeFailed
+from signald._ids import resume_token_digest
 
 from .test_room import NOW, FakeMember
 
@@ -32,19 +33,27 @@ class FakeLink:
 
     node: str = HERE
     available: bool = True
+    #: Connected, but the queue to Redis refuses everything (``_redis`` rule 6).
+    full: bool = False
     problem: str | None = None
     replies: dict[str, Any] = attrs.field(factory=lambda: {"join": ["ok"], "leave": 1})
     calls: list[tuple[Any, ...]] = attrs.field(factory=list)
     submitted: list[tuple[Any, ...]] = attrs.field(factory=list)
     relayed: list[tuple[str | bytes, ...]] = attrs.field(factory=list)
+    told: list[tuple[str, dict[str, Any]]] = attrs.field(factory=list)
     on_fail: list[Callable[[], None]] = attrs.field(factory=list)
     left_soon: list[tuple[str, str]] = attrs.field(factory=list)
+    #: Nothing is ever queued for a real Redis here.
+    queued_bytes: int = 0
 
     def attach(self, listener: Any) -> None:
         pass
 
+    def _takes(self) -> bool:
+        return self.available and not self.full
+
     async def call(self, operation: str, room: str, *args: Any) -> Any:
-        if not self.available:
+        if not self._takes():
             return None
         self.calls.append((operation, room, *args))
         return self.replies[operation]
@@ -53,18 +62,26 @@ class FakeLink:
         return await self.call("leave", room, peer_id) is not None
 
     def submit(self, operation: str, room: str, *args: Any) -> bool:
-        if self.available:
+        if self._takes():
             self.submitted.append((operation, room, *args))
-        return self.available
+        return self._takes()
 
-    def relay(self, node: str, room: str, sender_id: str, to: str, text: bytes, on_fail: Callable[[], None]) -> bool:
-        if self.available:
-            self.relayed.append((node, room, sender_id, to, text))
+    def relay(self, room: str, sender_id: str, to: str, text: bytes, on_fail: Callable[[], None]) -> bool:
+        if self._takes():
+            self.relayed.append((room, sender_id, to, text))
             self.on_fail.append(on_fail)
-        return self.available
+        return self._takes()
+
+    def tell(self, node: str, event: dict[str, Any]) -> bool:
+        if self._takes():
+            self.told.append((node, event))
+        return self._takes()
 
     def leave_soon(self, room: str, peer_id: str) -> None:
         self.left_soon.append((room, peer_id))
+
+    async def flushed(self) -> None:
+        """Everything asked of this link is recorded at once: nothing to wait for."""
 
 
 def join_event(peer: str, node: str, others: list[tuple[str, str]] | None = None) -> dict[str, Any]:
@@ -107,6 +124,8 @@ async def test_join_is_seated_when_its_event_returns_and_lists_members_of_other_
         [task] = await joined(hub, a, join_event("a", HERE, others=[("b", THERE)]), nursery)
         assert task is not None
         assert link.calls[0][:4] == ("join", "r", "a", "A")
+        token = a.frames[0]["resumeToken"]
+        assert link.calls[0][-1] == resume_token_digest(token) != token  # Redis keeps no secret
         assert a.frames == [
             {
                 "type": "joined-room",
@@ -114,7 +133,8 @@ async def test_join_is_seated_when_its_event_returns_and_lists_members_of_other_
                 "peerId": "a",
                 "username": "A",
                 "participants": [{"peerId": "b", "username": "B"}],
-                "resumeGrace": 0,  # no resume across nodes yet: the client knows not to try
+                "resumeToken": token,
+                "resumeGrace": 30,
                 "requestId": "rq",
             }
         ]
@@ -137,7 +157,7 @@ async def test_relays_to_another_node_are_published_and_to_this_node_are_not() -
         await task.relay("a", "b", b'{"type":"webrtc-offer","from":"a","sdp":"x"}', None, trio.current_time())
         await task.relay("a", "d", b'{"type":"webrtc-offer","from":"a","sdp":"y"}', None, trio.current_time())
         await settle()
-        assert link.relayed == [(THERE, "r", "a", "b", b'{"type":"webrtc-offer","from":"a","sdp":"x"}')]
+        assert link.relayed == [("r", "a", "b", b'{"type":"webrtc-offer","from":"a","sdp":"x"}')]  # Redis routes it
         assert d.frames[-1] == {"type": "webrtc-offer", "from": "a", "sdp": "y"}
         # A relay from another node is delivered here, and never published again.
         await hub.relay("r", "b", "a", b'{"type":"webrtc-answer"}')
@@ -270,17 +290,184 @@ async def test_an_overflowing_member_stays_until_its_leave_comes_back_in_order()
         nursery.cancel_scope.cancel()
 
 
-async def test_resume_is_refused_in_cluster_mode_and_a_lost_connection_leaves_through_redis() -> None:
+def moved(peer: str, to: str, origin: str) -> dict[str, Any]:
+    """What the claim script publishes when ``peer`` resumes on node ``to``."""
+    return {"r": "r", "k": "moved", "p": peer, "u": peer.upper(), "t": WHEN, "n": to, "f": origin}
+
+
+async def claimed(
+    hub: ClusterHub, token: str, nursery: trio.Nursery, request_id: str | None = None
+) -> tuple[list[Any], list[FakeMember]]:
+    """Start a resume with ``token`` here, up to its claim in Redis (which says yes): what the
+    resume returns, once it does, and the members it connects."""
+    outcome: list[Any] = []
+    made: list[FakeMember] = []
+
+    def connect(peer_id: str, username: str) -> FakeMember:
+        made.append(FakeMember(peer_id, username))
+        return made[-1]
+
+    async def resume() -> None:
+        outcome.append(await hub.resume(token, connect, request_id))
+
+    nursery.start_soon(resume)
+    await settle()
+    assert outcome == []  # claimed in Redis, carried out when its event comes
+    return outcome, made
+
+
+async def failing_claim(hub: ClusterHub, token: str, nursery: trio.Nursery) -> list[str]:
+    """Start a resume with ``token`` here, up to its claim in Redis, that must fail after:
+    its ``resume-failed`` message, once it has."""
+    failed: list[str] = []
+
+    async def resume() -> None:
+        with pytest.raises(ResumeFailed) as caught:
+            await hub.resume(token, FakeMember)
+        failed.append(str(caught.value))
+
+    nursery.start_soon(resume)
+    await settle()
+    assert failed == []
+    return failed
+
+
+async def resumed_here(
+    hub: ClusterHub, token: str, event: dict[str, Any], nursery: trio.Nursery
+) -> tuple[list[Any], FakeMember]:
+    """Resume with ``token`` here; Redis says yes and then publishes ``event``."""
+    outcome, made = await claimed(hub, token, nursery, "back")
+    await hub.dispatch(event)
+    await settle()
+    return outcome, made[0]
+
+
+async def test_a_lost_member_is_kept_and_resumes_here_after_redis_checked_its_token() -> None:
+    async with trio.open_nursery() as nursery:
+        link = FakeLink(replies={"join": ["ok"], "leave": 1, "claim": ["ok"]})
+        hub = make_hub(nursery, link)
+        a, b = FakeMember("a", "A"), FakeMember("b", "B")
+        [task] = await joined(hub, a, join_event("a", HERE, others=[("c", THERE)]), nursery)
+        await joined(hub, b, join_event("b", HERE), nursery)
+        assert task is not None
+        token = b.frames[0]["resumeToken"]
+        await task.suspend(b, [b'{"type":"unsent"}'], 1024)
+        await task.relay("a", "b", b'{"type":"webrtc-offer"}', None, trio.current_time())
+        await settle()
+        assert ("leave", "r", "b") not in [call[:3] for call in link.calls]  # nobody hears of it
+        outcome, b2 = await resumed_here(hub, token, moved("b", HERE, HERE), nursery)
+        claim = link.calls[-1]
+        assert claim[:3] == ("claim", "r", "b") and claim[3] == resume_token_digest(token)
+        assert outcome and outcome[0][1] is b2
+        assert b2.types() == ["resumed", "unsent", "webrtc-offer"]
+        assert b2.frames[0]["missed"] == 2 and b2.frames[0]["requestId"] == "back"
+        assert claim[4] == resume_token_digest(b2.frames[0]["resumeToken"])  # Redis has the new one
+        assert a.types() == ["joined-room", "user-joined"]  # and no user-left
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_member_resumed_on_another_node_is_handed_what_was_kept_here() -> None:
     async with trio.open_nursery() as nursery:
         link = FakeLink()
         hub = make_hub(nursery, link)
-        a = FakeMember("a", "A")
+        a, b = FakeMember("a", "A"), FakeMember("b", "B")
         [task] = await joined(hub, a, join_event("a", HERE), nursery)
+        await joined(hub, b, join_event("b", HERE), nursery)
         assert task is not None
-        with pytest.raises(ResumeFailed, match="cluster"):
-            await hub.resume("any-token", lambda peer_id, username: FakeMember(peer_id, username))
-        await task.suspend(a, [], 1024)
-        assert link.calls[-1][:3] == ("leave", "r", "a")
+        await task.suspend(b, [], 1024)
+        await task.relay("a", "b", b'{"type":"webrtc-offer","n":1}', None, trio.current_time())
+        await hub.dispatch(join_event("c", THERE))
+        await hub.dispatch(moved("b", THERE, HERE))
+        await task.relay("a", "b", b'{"type":"webrtc-offer","n":2}', None, trio.current_time())
+        await settle()
+        [(node, handover)] = link.told
+        assert node == THERE and handover["k"] == "handover" and handover["p"] == "b"
+        assert [json.loads(text)["type"] for text in handover["f"]] == ["webrtc-offer", "user-joined"]
+        assert link.relayed == [("r", "a", "b", b'{"type":"webrtc-offer","n":2}')]  # to b's node, after it
+        assert a.types() == ["joined-room", "user-joined", "user-joined"]  # b joined, c joined; b never left
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_member_resumed_here_from_another_node_waits_for_the_handover_and_its_mark() -> None:
+    async with trio.open_nursery() as nursery:
+        link = FakeLink(replies={"join": ["ok"], "leave": 1, "claim": ["ok"]})
+        hub = make_hub(nursery, link)
+        a = FakeMember("a", "A")
+        [task] = await joined(hub, a, join_event("a", HERE, others=[("b", THERE)]), nursery)
+        assert task is not None
+        outcome, made = await claimed(hub, "r.b.secret", nursery)
+        await hub.dispatch(moved("b", HERE, THERE))
+        await settle()
+        [b2] = made
+        assert link.told == [(HERE, {"r": "r", "k": "mark", "p": "b"})]
+        await task.relay("a", "b", b'{"type":"late"}', None, trio.current_time())  # before the mark: aside
+        await hub.relay("r", "a", "b", b'{"type":"routed"}')  # a's relay from before, routed back here
+        await hub.dispatch({"r": "r", "k": "handover", "p": "b", "f": ['{"type":"kept"}']})
+        await settle()
+        assert outcome == [] and b2.frames == []  # still waiting for the mark
+        await hub.dispatch({"r": "r", "k": "mark", "p": "b"})
+        await settle()
+        assert outcome and outcome[0][1] is b2
+        assert b2.types() == ["resumed", "kept", "routed", "late"]
+        assert b2.frames[0]["missed"] == 1 and b2.frames[0]["participants"] == [{"peerId": "a", "username": "A"}]
+        await task.relay("a", "b", b'{"type":"live"}', None, trio.current_time())
+        await settle()
+        assert b2.types()[-1] == "live" and link.relayed == []  # same node now
+        nursery.cancel_scope.cancel()
+
+
+async def test_refused_claims_and_a_handover_that_never_comes_fail_the_resume(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        link = FakeLink(replies={"join": ["ok"], "leave": 1, "claim": ["used"]})
+        config = Config(rooms=RoomsConfig(), cluster=ClusterConfig(node_timeout=1))
+        hub = ClusterHub(config, nursery, link)  # type: ignore[arg-type]
+        a = FakeMember("a", "A")
+        [task] = await joined(hub, a, join_event("a", HERE, others=[("b", THERE)]), nursery)
+        with pytest.raises(ResumeFailed, match="used already"):
+            await hub.resume("r.b.secret", FakeMember)
+        with pytest.raises(ResumeFailed, match="unknown resume token"):
+            await hub.resume("not-a-token", FakeMember)
+        link.available = False
+        with pytest.raises(ResumeFailed, match="unavailable"):
+            await hub.resume("r.b.secret", FakeMember)
+        link.available = True
+        link.replies["claim"] = ["ok"]
+        failed = await failing_claim(hub, "r.b.secret", nursery)
+        await hub.dispatch(moved("b", HERE, THERE))
+        await hub.dispatch({"r": "r", "k": "mark", "p": "b"})
+        await settle()
+        assert failed == []
+        await trio.sleep(1.5)  # past node_timeout, the bound on the handover (a mock clock)
+        await settle()
+        assert "did not hand it over in time" in failed[0]
+        assert link.left_soon == [("r", "b")]  # it leaves, through Redis
+        await hub.dispatch({"r": "r", "k": "leave", "p": "b"})
+        await settle()
+        assert a.frames[-1] == {"type": "user-left", "roomId": "r", "peerId": "b", "username": "B"}
+        assert task is not None
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_snapshot_placing_a_member_of_this_node_elsewhere_lets_it_go_without_user_left() -> None:
+    """It resumed on another node while this one could not hear of it (Redis was away)."""
+    async with trio.open_nursery() as nursery:
+        link = FakeLink()
+        hub = make_hub(nursery, link)
+        a, b = FakeMember("a", "A"), FakeMember("b", "B")
+        [task] = await joined(hub, a, join_event("a", HERE), nursery)
+        await joined(hub, b, join_event("b", HERE), nursery)
+        assert task is not None
+        await task.suspend(b, [b'{"type":"kept"}'], 1024)
+        snapshot = [["a", "A", HERE, WHEN, 1], ["b", "B", THERE, WHEN, 2]]
+        await hub.dispatch({"r": "r", "k": "sync", "m": snapshot, "prune": True, "meta": ["Room", 4, WHEN, False]})
+        await settle()
+        assert link.told == [(THERE, {"r": "r", "k": "handover", "p": "b", "f": ['{"type":"kept"}']})]
+        assert a.types() == ["joined-room", "user-joined"]
+        await task.relay("a", "b", b"{}", None, trio.current_time())
+        await settle()
+        assert link.relayed == [("r", "a", "b", b"{}")]  # b is remote now
         nursery.cancel_scope.cancel()
 
 
@@ -347,12 +534,82 @@ async def test_a_full_backlog_drops_relays_tells_their_sender_and_keeps_membersh
         await settle()
         assert [f["candidate"]["candidate"] for f in x.frames[:-1]] == [f"{i:056d}" for i in range(fits)]
         assert x.frames[-1] == {"type": "user-joined", "roomId": "r", "peerId": "c", "username": "C"}
-        # b's node is told, once, as a relay from x to b: b gets cluster-unavailable.
-        [(node, room, sender, to, refusal)] = link.relayed
-        assert (node, room, sender, to) == (THERE, "r", "x", "b")
+        # b's node is told, once, as a relay from x to b (Redis routes it to b's node): b gets
+        # cluster-unavailable.
+        [(room, sender, to, refusal)] = link.relayed
+        assert (room, sender, to) == ("r", "x", "b")
         assert json.loads(refusal)["code"] == "cluster-unavailable"
         # The backlog is empty again: relays go through.
         await hub.relay("r", "b", "x", candidate(fits))
         await settle()
         assert x.frames[-1]["candidate"]["candidate"] == f"{fits:056d}"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_full_backlog_keeps_a_resume_s_moved_handover_and_mark_in_order() -> None:
+    """A flood from another node fills the room's backlog while a member resumes here: the
+    resume's events are never dropped, and a dropped relay of this node's own (routed back
+    through Redis) is answered here."""
+    limits = LimitsConfig(max_message_bytes=1024, send_queue_bytes=1024)
+    async with trio.open_nursery() as nursery:
+        link = FakeLink(replies={"join": ["ok"], "leave": 1, "claim": ["ok"]})
+        hub = make_hub(nursery, link, Config(rooms=RoomsConfig(), limits=limits))
+        a = FakeMember("a", "A", capacity=100_000)
+        [task] = await joined(hub, a, join_event("a", HERE, others=[("b", THERE), ("c", THERE)]), nursery)
+        assert task is not None
+        outcome, made = await claimed(hub, "r.b.secret", nursery)
+        a.frames.clear()
+        fits = 1 + CHANNEL_SIZE + 1024 // len(candidate(0))
+        for i in range(fits + 5):  # from c, on the other node: the last 5 dropped
+            await hub.relay("r", "c", "a", candidate(i))
+        await hub.dispatch(moved("b", HERE, THERE))
+        await hub.relay("r", "a", "b", b'{"type":"webrtc-offer","from":"a"}')  # dropped too
+        await hub.dispatch({"r": "r", "k": "handover", "p": "b", "f": ['{"type":"kept"}']})
+        await hub.dispatch({"r": "r", "k": "mark", "p": "b"})
+        await settle()
+        [b2] = made
+        assert outcome and outcome[0][1] is b2
+        assert b2.types() == ["resumed", "kept"]
+        assert link.told == [(HERE, {"r": "r", "k": "mark", "p": "b"})]
+        assert [f["candidate"]["candidate"] for f in a.frames[:fits]] == [f"{i:056d}" for i in range(fits)]
+        # a's relay came back through Redis; a is told here, c through Redis (once each).
+        assert [(f["type"], f["code"]) for f in a.frames[fits:]] == [("error", "cluster-unavailable")]
+        [(room, sender, to, refusal)] = link.relayed
+        assert (room, sender, to) == ("r", "a", "c") and json.loads(refusal)["code"] == "cluster-unavailable"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_full_queue_to_redis_fails_a_resume_here_and_loses_a_handover_there() -> None:
+    """Neither the mark nor the handover can go when the queue to Redis is full: the resume
+    fails at once on the new node (its member leaves through Redis), and the former node lets
+    the member go all the same (the new node's wait is bounded)."""
+    async with trio.open_nursery() as nursery:
+        link = FakeLink(replies={"join": ["ok"], "leave": 1, "claim": ["ok"]})
+        hub = make_hub(nursery, link)
+        a = FakeMember("a", "A")
+        [task] = await joined(hub, a, join_event("a", HERE, others=[("b", THERE)]), nursery)
+        assert task is not None
+        failed = await failing_claim(hub, "r.b.secret", nursery)
+        link.full = True  # after the claim went
+        await hub.dispatch(moved("b", HERE, THERE))
+        await settle()
+        assert link.told == [] and "unavailable" in failed[0]
+        assert link.left_soon == [("r", "b")]
+        await hub.dispatch({"r": "r", "k": "leave", "p": "b"})
+        await settle()
+        assert a.frames[-1] == {"type": "user-left", "roomId": "r", "peerId": "b", "username": "B"}
+        # On the former node: a member of this node resumed elsewhere, with no way to hand over.
+        c = FakeMember("c", "C")
+        link.full = False
+        await joined(hub, c, join_event("c", HERE), nursery)
+        await task.suspend(c, [], 1024)
+        link.full = True
+        await hub.dispatch(moved("c", THERE, HERE))
+        await settle()
+        assert link.told == [] and a.frames[-1]["type"] == "user-joined"  # c joined, never left
+        link.full = False
+        await task.relay("a", "c", b'{"type":"webrtc-offer"}', None, trio.current_time())
+        await settle()
+        assert link.relayed == [("r", "a", "c", b'{"type":"webrtc-offer"}')]  # to c's new node
+        nursery.cancel_scope.cancel()
+
