@@ -145,6 +145,20 @@ local function room_meta()
   local m = redis.call('HMGET', meta, 'name', 'max', 'created', 'persistent')
   return {m[1], tonumber(m[2]), m[3], m[4] == '1'}
 end
+-- A membership event to every node of the room. ``snapshot`` (the members this node must
+-- know, or false) goes with it to this node alone, when this is its first member in the room.
+local function announce(event, snapshot)
+  local text = cjson.encode(event)
+  for _, n in ipairs(redis.call('HKEYS', room_nodes)) do
+    if n == node and snapshot then
+      event.m = snapshot
+      event.meta = room_meta()
+      send(n, event)
+    else
+      redis.call('PUBLISH', CHANNEL .. n, text)
+    end
+  end
+end
 local function add(peer, username, joined_at, digest)
   local order = redis.call('HINCRBY', meta, 'seq', 1)
   redis.call('HSET', members, peer, cjson.encode({node, username, joined_at, order, digest}))
@@ -187,17 +201,7 @@ if op == 'join' then
   if redis.call('HLEN', members) >= max then return {'room-full', tostring(max)} end
   local others = members_in_order()
   local first = add(ARGV[4], ARGV[5], ARGV[6], ARGV[10])
-  local event = {r = room, k = 'join', p = ARGV[4], u = ARGV[5], n = node, t = ARGV[6]}
-  local text = cjson.encode(event)
-  for _, n in ipairs(redis.call('HKEYS', room_nodes)) do
-    if n == node and first then
-      event.m = others
-      event.meta = room_meta()
-      send(n, event)
-    else
-      redis.call('PUBLISH', CHANNEL .. n, text)
-    end
-  end
+  announce({r = room, k = 'join', p = ARGV[4], u = ARGV[5], n = node, t = ARGV[6]}, first and others)
   return {'ok'}
 elseif op == 'leave' then
   -- 4 peer, 5 now (ms), 6 idle ttl (ms)
@@ -275,16 +279,7 @@ elseif op == 'claim' then
   end
   redis.call('SADD', node_rooms, room)
   local first = redis.call('HINCRBY', room_nodes, node, 1) == 1
-  local text = cjson.encode(event)
-  for _, n in ipairs(redis.call('HKEYS', room_nodes)) do
-    if n == node and first then  -- this node's first member in the room: it needs a snapshot
-      event.m = members_in_order()
-      event.meta = room_meta()
-      send(n, event)
-    else
-      redis.call('PUBLISH', CHANNEL .. n, text)
-    end
-  end
+  announce(event, first and members_in_order())
   return {'ok'}
 elseif op == 'create' then
   -- 4 name, 5 capacity, 6 created at, 7 max rooms, 8 expiry (ms)
