@@ -162,7 +162,7 @@ local function ended(peer) return string.sub(meta, 1, #meta - 4) .. 'ended:' .. 
 -- evicted: removed because its node's lease lapsed (a node that is alive after all keeps it).
 local function remove(peer, evicted, why)
   send_all({r = room, k = 'leave', p = peer, e = evicted})
-  redis.call('SET', ended(peer), why, 'PX', ENDED_MS)
+  redis.call('SET', ended(peer), why or 'left', 'PX', ENDED_MS)
   redis.call('HDEL', members, peer)
   redis.call('DECR', users)
   if redis.call('HINCRBY', room_nodes, node, -1) <= 0 then
