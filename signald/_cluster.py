@@ -108,14 +108,24 @@ JOIN_REFUSALS = {
     "too-many-rooms": m.TOO_MANY_ROOMS,
     "room-full": m.ROOM_FULL,
 }
-#: The claim script's refusals, as the ``resume-failed`` message.
+HANDOVER_LATE = "the session could not be taken over: the server that held it did not hand it over in time"
+#: Why a session ended, as the leave tells Redis and a later claim hears it (``_redis``'s
+#: ``ended``), so a late resume on any node is told which, as in one process.
+ENDINGS = {
+    "left": TOKEN_LEFT,
+    "expired": TOKEN_EXPIRED,
+    "overflowed": TOKEN_OVERFLOWED,
+    "dead": "the session has ended: the server that held it is gone",
+    "late": HANDOVER_LATE,
+}
+ENDING_CODES = {why: code for code, why in ENDINGS.items()}
+#: The claim script's refusals, as the ``resume-failed`` message (``gone``: see ``ENDINGS``).
 CLAIM_REFUSALS = {
-    "gone": "the session has ended, or the resume token was never issued",
+    "gone": TOKEN_UNKNOWN,
     "used": "this resume token is not the session's current one: it has been used already (each resume "
     "gives a new one)",
-    "dead": "the session has ended: the server that held it is gone",
+    "dead": ENDINGS["dead"],
 }
-HANDOVER_LATE = "the session could not be taken over: the server that held it did not hand it over in time"
 UNAVAILABLE = "the cluster is unavailable (redis unreachable or too far behind); try again"
 
 
@@ -615,12 +625,14 @@ class ClusterRoomTask(RoomTask):
         through Redis (their leave comes back in the room's order)."""
         room = self.room
         for peer_id in [p for p, seat in room.seats.items() if p in room.suspended and _until(seat) <= now]:
+            why = TOKEN_EXPIRED
             if peer_id in self._arriving:
                 log.warning("room %s: %s was resumed here, but no handover came; it leaves", room.id, peer_id)
-                self._fail_arrival(peer_id, HANDOVER_LATE)
+                why = HANDOVER_LATE
+                self._fail_arrival(peer_id, why)
             else:
                 log.info("room %s: %s left, not back within %g s", room.id, peer_id, room.resume_grace)
-            self._end_there(peer_id, TOKEN_EXPIRED)
+            self._end_there(peer_id, why)
 
     def _end_there(self, peer_id: str, why: str) -> None:
         """End a suspended member in Redis; here too at once if Redis is away (no event comes)."""
@@ -628,7 +640,7 @@ class ClusterRoomTask(RoomTask):
         if peer_id in self._ending or peer_id not in room.seats:
             return
         room.suspended.pop(peer_id, None)  # no timer for it any more
-        self._link.leave_soon(room.id, peer_id)
+        self._link.leave_soon(room.id, peer_id, ENDING_CODES.get(why, "left"))
         if self._link.available:
             self._ending[peer_id] = why
         else:
@@ -866,7 +878,12 @@ class ClusterHub(RoomHub):
         outcome = await self._link.call("claim", room_id, peer_id, *digests)
         if outcome is None or outcome[0] != "ok":
             await task.unclaim(peer_id)
-            why = UNAVAILABLE if outcome is None else CLAIM_REFUSALS[outcome[0]]
+            if outcome is None:
+                why = UNAVAILABLE
+            elif outcome[0] == "gone" and len(outcome) > 1 and outcome[1]:
+                why = ENDINGS.get(outcome[1], TOKEN_UNKNOWN)
+            else:
+                why = CLAIM_REFUSALS[outcome[0]]
             raise ResumeFailed(self._retired.get(token, why))
         await claim.done.wait()  # bounded: a handover has node_timeout to come
         if claim.member is None:

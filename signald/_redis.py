@@ -50,6 +50,8 @@ Design rules:
    SHA-256 digest of its current token (set at join, replaced by each resume), so any node
    can check a token and no secret is kept where every node can read it. The digest of 192
    random bits cannot be steered, so comparing digests needs no constant-time compare.
+   When a member leaves, the script keeps why its session ended (``{room}:ended:<peer>``,
+   an hour) so a claim that finds no seat can say which, on whatever node it runs.
 
 Room keys share the ``{room}`` hash tag. The script also touches global keys (the room index,
 the user count, the node registry, and in ``claim`` the member's former node's keys), and
@@ -167,9 +169,14 @@ local function add(peer, username, joined_at, digest)
   redis.call('SADD', node_rooms, room)
   return redis.call('HINCRBY', room_nodes, node, 1) == 1
 end
+-- Why a member's session ended (a code of _cluster.ENDINGS: 'left', 'expired', ...), kept an hour by
+-- peer, so that a late resume on any node hears which (rule 8); after that, it is unknown.
+local ENDED_MS = 3600000
+local function ended(peer) return string.sub(meta, 1, #meta - 4) .. 'ended:' .. peer end
 -- evicted: removed because its node's lease lapsed (a node that is alive after all keeps it).
-local function remove(peer, evicted)
+local function remove(peer, evicted, why)
   send_all({r = room, k = 'leave', p = peer, e = evicted})
+  redis.call('SET', ended(peer), why or 'left', 'PX', ENDED_MS)
   redis.call('HDEL', members, peer)
   redis.call('DECR', users)
   if redis.call('HINCRBY', room_nodes, node, -1) <= 0 then
@@ -204,10 +211,10 @@ if op == 'join' then
   announce({r = room, k = 'join', p = ARGV[4], u = ARGV[5], n = node, t = ARGV[6]}, first and others)
   return {'ok'}
 elseif op == 'leave' then
-  -- 4 peer, 5 now (ms), 6 idle ttl (ms)
+  -- 4 peer, 5 now (ms), 6 idle ttl (ms), 7 why its session ended
   local value = redis.call('HGET', members, ARGV[4])
   if not value or cjson.decode(value)[1] ~= node then return 0 end
-  remove(ARGV[4], false)
+  remove(ARGV[4], false, ARGV[7])
   settle(ARGV[5], ARGV[6])
   return 1
 elseif op == 'evict' then
@@ -216,7 +223,7 @@ elseif op == 'evict' then
   local count = 0
   for _, m in ipairs(members_in_order()) do
     if m[3] == node then
-      remove(m[1], true)
+      remove(m[1], true, 'dead')
       count = count + 1
     end
   end
@@ -238,7 +245,7 @@ elseif op == 'sync' then
   local held, here = cjson.decode(ARGV[4]), {}
   for _, m in ipairs(held) do here[m[1]] = true end
   for _, m in ipairs(members_in_order()) do
-    if m[3] == node and not here[m[1]] then remove(m[1], false) end
+    if m[3] == node and not here[m[1]] then remove(m[1], false, 'left') end
   end
   for _, m in ipairs(held) do
     local value = redis.call('HGET', members, m[1])
@@ -260,7 +267,7 @@ elseif op == 'claim' then
   -- The member moves to node ARGV[3] (or stays, if it is there): from now on Redis routes its
   -- relays here. Its former node hears 'moved' and hands over what it kept for it.
   local value = redis.call('HGET', members, ARGV[4])
-  if not value then return {'gone'} end
+  if not value then return {'gone', redis.call('GET', ended(ARGV[4]))} end
   local v = cjson.decode(value)
   if v[5] ~= ARGV[5] then return {'used'} end
   local from = v[1]
@@ -391,7 +398,7 @@ class RedisLink:
         #: The queue refused an item: it refuses every item until Redis answers a batch.
         self._full = False
         #: Leaves that could not reach Redis (or found the queue full): sent when it is back (or has room).
-        self._orphans: set[tuple[str, str]] = set()
+        self._orphans: dict[tuple[str, str], str] = {}
         self.available = False
         #: Connected since the last loss: the listener must hear of the next one.
         self._up = False
@@ -466,23 +473,24 @@ class RedisLink:
         if self._enqueue(_Item(("ping",), 0, done)):  # no bytes: a full queue takes it too
             await done.wait()
 
-    async def leave(self, room: str, peer_id: str) -> bool:
-        """``peer_id`` leaves ``room`` in Redis (whose event removes it from the room task)."""
-        return await self.call("leave", room, peer_id, _ms(), self._idle_ms()) is not None
+    async def leave(self, room: str, peer_id: str, why: str = "left") -> bool:
+        """``peer_id`` leaves ``room`` in Redis (whose event removes it from the room task);
+        ``why`` its session ended, for a late resume (the script's ``ended``)."""
+        return await self.call("leave", room, peer_id, _ms(), self._idle_ms(), why) is not None
 
-    def leave_soon(self, room: str, peer_id: str) -> None:
+    def leave_soon(self, room: str, peer_id: str, why: str = "left") -> None:
         """Make sure ``peer_id`` leaves ``room`` in Redis, now or once Redis is back (or the queue has room)."""
 
         def orphan() -> None:
-            self._orphans.add((room, peer_id))
+            self._orphans.setdefault((room, peer_id), why)
 
-        if not self.submit("leave", room, peer_id, _ms(), self._idle_ms(), on_fail=orphan):
+        if not self.submit("leave", room, peer_id, _ms(), self._idle_ms(), why, on_fail=orphan):
             orphan()
 
     def _send_orphans(self) -> None:
-        orphans, self._orphans = sorted(self._orphans), set()
-        for room, peer_id in orphans:
-            self.leave_soon(room, peer_id)
+        orphans, self._orphans = sorted(self._orphans.items()), {}
+        for (room, peer_id), why in orphans:
+            self.leave_soon(room, peer_id, why)
 
     def _idle_ms(self) -> int:
         return int(self._rooms.idle_ttl * 1000)

@@ -94,6 +94,10 @@ class Topology:
     def ports(self) -> list[int]:
         return [server.port for server in self.servers if server.port]
 
+    def server(self, i: int) -> Server:
+        """Client ``i``'s node itself (for its connection count)."""
+        return self.servers[i % len(self.servers)]
+
     def port(self, i: int) -> int:
         """Client ``i``'s node: clients alternate between the nodes."""
         ports = self.ports

@@ -42,7 +42,7 @@ class FakeLink:
     relayed: list[tuple[str | bytes, ...]] = attrs.field(factory=list)
     told: list[tuple[str, dict[str, Any]]] = attrs.field(factory=list)
     on_fail: list[Callable[[], None]] = attrs.field(factory=list)
-    left_soon: list[tuple[str, str]] = attrs.field(factory=list)
+    left_soon: list[tuple[str, str, str]] = attrs.field(factory=list)
     #: Nothing is ever queued for a real Redis here.
     queued_bytes: int = 0
 
@@ -58,8 +58,8 @@ class FakeLink:
         self.calls.append((operation, room, *args))
         return self.replies[operation]
 
-    async def leave(self, room: str, peer_id: str) -> bool:
-        return await self.call("leave", room, peer_id) is not None
+    async def leave(self, room: str, peer_id: str, why: str = "left") -> bool:
+        return await self.call("leave", room, peer_id, why) is not None
 
     def submit(self, operation: str, room: str, *args: Any) -> bool:
         if self._takes():
@@ -77,8 +77,8 @@ class FakeLink:
             self.told.append((node, event))
         return self._takes()
 
-    def leave_soon(self, room: str, peer_id: str) -> None:
-        self.left_soon.append((room, peer_id))
+    def leave_soon(self, room: str, peer_id: str, why: str = "left") -> None:
+        self.left_soon.append((room, peer_id, why))
 
     async def flushed(self) -> None:
         """Everything asked of this link is recorded at once: nothing to wait for."""
@@ -268,7 +268,7 @@ async def test_a_leave_while_redis_is_away_is_applied_here_now_and_there_later()
         await task.leave(d)
         await settle()
         assert a.frames[-1] == {"type": "user-left", "roomId": "r", "peerId": "d", "username": "D"}
-        assert link.left_soon == [("r", "d")]
+        assert link.left_soon == [("r", "d", "left")]
         nursery.cancel_scope.cancel()
 
 
@@ -429,6 +429,19 @@ async def test_refused_claims_and_a_handover_that_never_comes_fail_the_resume(
             await hub.resume("r.b.secret", FakeMember)
         with pytest.raises(ResumeFailed, match="unknown resume token"):
             await hub.resume("not-a-token", FakeMember)
+        # A seat Redis no longer has: the reason its session ended, if Redis still keeps it.
+        for reply, words in [
+            (["gone"], "unknown resume token"),
+            (["gone", None], "unknown resume token"),
+            (["gone", "expired"], "away longer than rooms.resume_grace"),
+            (["gone", "overflowed"], "more messages arrived"),
+            (["gone", "left"], "left the room"),
+            (["gone", "dead"], "the server that held it is gone"),
+            (["gone", "from a newer version"], "unknown resume token"),
+        ]:
+            link.replies["claim"] = reply
+            with pytest.raises(ResumeFailed, match=words):
+                await hub.resume("r.b.secret", FakeMember)
         link.available = False
         with pytest.raises(ResumeFailed, match="unavailable"):
             await hub.resume("r.b.secret", FakeMember)
@@ -442,7 +455,7 @@ async def test_refused_claims_and_a_handover_that_never_comes_fail_the_resume(
         await trio.sleep(1.5)  # past node_timeout, the bound on the handover (a mock clock)
         await settle()
         assert "did not hand it over in time" in failed[0]
-        assert link.left_soon == [("r", "b")]  # it leaves, through Redis
+        assert link.left_soon == [("r", "b", "late")]  # it leaves, through Redis
         await hub.dispatch({"r": "r", "k": "leave", "p": "b"})
         await settle()
         assert a.frames[-1] == {"type": "user-left", "roomId": "r", "peerId": "b", "username": "B"}
@@ -594,7 +607,7 @@ async def test_a_full_queue_to_redis_fails_a_resume_here_and_loses_a_handover_th
         await hub.dispatch(moved("b", HERE, THERE))
         await settle()
         assert link.told == [] and "unavailable" in failed[0]
-        assert link.left_soon == [("r", "b")]
+        assert link.left_soon == [("r", "b", "left")]
         await hub.dispatch({"r": "r", "k": "leave", "p": "b"})
         await settle()
         assert a.frames[-1] == {"type": "user-left", "roomId": "r", "peerId": "b", "username": "B"}
