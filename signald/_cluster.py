@@ -395,6 +395,7 @@ class ClusterRoomTask(RoomTask):
         if seat is None:
             return  # gone meanwhile: nobody to tell
         refusal = _unavailable()
+        self._observer.error_sent(m.CLUSTER_UNAVAILABLE)
         if isinstance(seat.member, RemoteMember):  # Redis routes it to the sender's node, as a relay
             self._link.relay(self.room.id, command.to, command.sender_id, refusal, _ignore)
         else:  # a relay of this node's, routed back through Redis to a member arriving here
@@ -416,14 +417,13 @@ class ClusterRoomTask(RoomTask):
             return
         self._observer.delivered(command.received_at)  # handed to the link, for the other node
         refusal = _unavailable(command.request_id)
-        if not self._link.relay(
-            self.room.id,
-            command.sender_id,
-            command.to,
-            command.text,
-            lambda: sender.member.deliver(refusal),
-        ):
+
+        def refuse() -> None:
+            self._observer.error_sent(m.CLUSTER_UNAVAILABLE)
             sender.member.deliver(refusal)
+
+        if not self._link.relay(self.room.id, command.sender_id, command.to, command.text, refuse):
+            refuse()
 
     def _event(self, data: dict[str, Any]) -> None:
         room = self.room

@@ -325,6 +325,11 @@ async def test_concurrent_joins_on_three_processes_keep_capacity_and_one_order(t
         assert all(order == orders[0] for order in orders), orders
 
 
+def errors_sent(metrics: bytes, code: str) -> float:
+    prefix = f'signald_errors_total{{code="{code}"}} '
+    return sum(float(line.split()[-1]) for line in metrics.decode().splitlines() if line.startswith(prefix))
+
+
 def queued_bytes(metrics: bytes) -> float:
     [line] = [line for line in metrics.decode().splitlines() if line.startswith("signald_cluster_send_queue_bytes ")]
     return float(line.split()[1])
@@ -367,6 +372,7 @@ async def test_a_redis_that_stops_reading_fills_a_bounded_queue_then_relays_are_
                         refused.append(message["requestId"])
                 status, _, metrics = await http_request(one, "GET", "/metrics")
                 assert status == 200 and bound - 4096 < queued_bytes(metrics) <= bound
+                assert errors_sent(metrics, "cluster-unavailable") == len(refused)
                 # Relays between members of one node never wait for Redis.
                 await a.send(type="webrtc-offer", to=a2.peer_id, sdp="same node")
                 await a2.expect("webrtc-offer", **{"from": a.peer_id, "sdp": "same node"})
