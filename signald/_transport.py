@@ -227,10 +227,9 @@ class WebSocket:
             commands, session.commands = session.commands, []
             for command in commands:
                 if isinstance(command, Join):
-                    # Shielded without a deadline: the room task always answers (it never waits
-                    # on a socket), and an abandoned join would seat a member nobody knows of.
-                    with trio.CancelScope(shield=True):
-                        room = await self._hub.join(command.room_id, command.member, command.request_id)
+                    # Not cancellable (``RoomHub.join``): the room task always answers, and an
+                    # abandoned join would seat a member nobody knows of.
+                    room = await self._hub.join(command.room_id, command.member, command.request_id)
                     if room is None:
                         session.join_refused(trio.current_time())
                     else:
