@@ -3,6 +3,7 @@ the trio stream, with trio's own exceptions, whenever the kernel does not simply
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 
@@ -125,3 +126,46 @@ async def test_receive_now_gives_what_is_there_nothing_when_empty_and_eof_at_the
     assert receive_now(server, 100) == b""
     client.close()
     await stream.aclose()
+
+
+class _Flaky(socket.socket):
+    """A listening socket whose next accepts fail with the given errnos first."""
+
+    failures: list[int]
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if self.failures:
+            raise OSError(self.failures.pop(0), "injected")
+        return super().accept()
+
+
+def _flaky(failures: list[int]) -> _Flaky:
+    sock = _Flaky(socket.AF_INET, socket.SOCK_STREAM)
+    sock.failures = failures
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    sock.setblocking(False)
+    return sock
+
+
+async def test_a_connection_that_failed_before_it_was_taken_is_skipped() -> None:
+    listening = _flaky([errno.ECONNABORTED])
+    client = socket.create_connection(listening.getsockname())
+    with trio.fail_after(5):
+        [(sock, address)] = await accepted(listening)
+    assert peer_of(address) == client.getsockname()
+    for s in (sock, client, listening):
+        s.close()
+
+
+async def test_a_failure_of_the_listener_itself_is_raised_for_the_server_to_handle() -> None:
+    """EMFILE and its kind: the server logs it and retries later (``_server``)."""
+    listening = _flaky([errno.EMFILE])
+    client = socket.create_connection(listening.getsockname())
+    with trio.fail_after(5), pytest.raises(OSError) as raised:
+        await accepted(listening)
+    assert raised.value.errno == errno.EMFILE
+    with trio.fail_after(5):
+        [(sock, _)] = await accepted(listening)  # the connection still waits, and is taken next time
+    for s in (sock, client, listening):
+        s.close()
