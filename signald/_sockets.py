@@ -2,7 +2,7 @@
 
 Every successful trio socket operation ends in a trip through the scheduler (trio's
 ``cancel_shielded_checkpoint``), and on this machine that trip is the largest single cost of
-a join (measured: 33k instructions, against 5k for the ``send(2)`` itself). A join has half a
+a join (33k instructions under callgrind, more than the system call it follows). A join has half a
 dozen such operations: the accept, the request's read, the 101, ``joined-room`` and a
 ``user-joined`` to each member already there. So, with plain sockets (not under TLS):
 
