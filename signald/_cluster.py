@@ -813,6 +813,12 @@ class ClusterHub(RoomHub):
         return task
 
     async def join(self, room_id: str, member: Member, request_id: m.RequestId = None) -> RoomTask | None:
+        """As ``RoomHub.join``, and like it never cancelled: here Redis takes part in a join, so
+        the whole of it is shielded (the link answers every call, with None once Redis is away)."""
+        with trio.CancelScope(shield=True):
+            return await self._join(room_id, member, request_id)
+
+    async def _join(self, room_id: str, member: Member, request_id: m.RequestId) -> RoomTask | None:
         started = trio.current_time()
         if not self._link.available:
             member.deliver(_unavailable(request_id))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Protocol
@@ -30,6 +31,7 @@ import h11
 import trio
 
 from ._rest import MAX_BODY_BYTES, HttpRequest, HttpResponse, error_response
+from ._sockets import receive_now, send_all
 from ._upgrade import PATH, accept_headers
 
 log = logging.getLogger("signald.http")
@@ -48,10 +50,11 @@ Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 @attrs.frozen
 class Admission:
     """An upgrade the host accepted: ``hold`` counts the connection against the caps while
-    entered; ``run(stream, early, remote)`` serves the WebSocket once the 101 is out."""
+    entered; ``run(stream, sock, early, remote)`` serves the WebSocket once the 101 is out
+    (``sock``: the stream's plain socket, see ``_sockets``)."""
 
     hold: AbstractContextManager[None]
-    run: Callable[[Stream, bytes, str], Awaitable[None]]
+    run: Callable[[Stream, socket.socket | None, bytes, str], Awaitable[None]]
 
 
 class Host(Protocol):
@@ -113,12 +116,17 @@ class HttpConnection:
         "_origin",
         "_peer_host",
         "_remote",
+        "_sock",
         "_stream",
     )
 
-    def __init__(self, host: Host, stream: Stream, peer_host: str, remote: str) -> None:
+    def __init__(
+        self, host: Host, stream: Stream, peer_host: str, remote: str, sock: socket.socket | None = None
+    ) -> None:
         self._host = host
         self._stream = stream
+        #: The stream's plain socket (None under TLS): sends and the first read try it directly.
+        self._sock = sock
         self._peer_host = peer_host
         #: "host:port", for log lines.
         self._remote = remote
@@ -144,7 +152,7 @@ class HttpConnection:
     async def _send(self, event: h11.Event) -> None:
         data = self._conn.send(event)
         if data:
-            await self._stream.send_all(data)
+            await send_all(self._stream, self._sock, data)
 
     async def _respond(self, response: HttpResponse, *, close: bool = False) -> None:
         """Send ``response``; the caller bounds it (the HTTP phase's deadline, or its own)."""
@@ -153,10 +161,12 @@ class HttpConnection:
         headers = [*length, *response.headers]
         if close or self._host.draining:
             headers.append(("Connection", "close"))
-        await self._send(h11.Response(status_code=response.status, headers=headers))
+        conn = self._conn
+        chunks = [conn.send(h11.Response(status_code=response.status, headers=headers))]
         if response.body:
-            await self._send(h11.Data(data=response.body))
-        await self._send(h11.EndOfMessage())
+            chunks.append(conn.send(h11.Data(data=response.body)))
+        chunks.append(conn.send(h11.EndOfMessage()))
+        await send_all(self._stream, self._sock, b"".join(c for c in chunks if c))  # one write, not three
 
     async def _read_request(self) -> tuple[h11.Request, dict[str, str], bytes] | None:
         """The next whole request, its headers (see ``_header_map``), its body; None if the client
@@ -180,7 +190,11 @@ class HttpConnection:
                         return None
                     self._conn.receive_data(data)
                 else:
-                    self._conn.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
+                    # The first request is usually in the kernel by the time this task runs.
+                    data = receive_now(self._sock, RECEIVE_SIZE) if not self._answered else None
+                    if data is None:
+                        data = await self._stream.receive_some(RECEIVE_SIZE)
+                    self._conn.receive_data(data)
             elif isinstance(event, h11.Request):
                 request = event
                 headers, self._origin = _header_map(event)
@@ -230,7 +244,7 @@ class HttpConnection:
                 del upgrade, accept, phase
                 # h11 is done with this connection: its state and buffers need not live as long as the WebSocket.
                 del self._conn
-                websocket = admission.run(self._stream, early, self._remote)
+                websocket = admission.run(self._stream, self._sock, early, self._remote)
                 del admission  # and its closure: the WebSocket's coroutine holds what it needs
                 await websocket
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -34,7 +34,6 @@ import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Mapping, Sequence
-from typing import Any
 
 import trio
 
@@ -49,6 +48,7 @@ from ._limits import BucketsByKey, ConnectionCounter
 from ._logging import Throttled
 from ._metrics import Metrics, Observer, State
 from ._rest import HttpRequest, HttpResponse, RestApi, error_response, exposition_response
+from ._sockets import accepted, listening_sockets, peer_of
 from ._startup import tls_context
 from ._store import open_room_store
 from ._transport import WebSocket
@@ -129,9 +129,9 @@ class Server:
             return refusal
         limits = self.config.limits  # an open WebSocket keeps the limits it began with
 
-        def run(stream: Stream, early: bytes, remote: str) -> Awaitable[None]:
+        def run(stream: Stream, sock: socket.socket | None, early: bytes, remote: str) -> Awaitable[None]:
             # Not a coroutine itself: one frame fewer kept for the life of the WebSocket.
-            websocket = WebSocket(stream, early, self._hub, limits, remote, self.tokens, self.observer)
+            websocket = WebSocket(stream, early, self._hub, limits, remote, self.tokens, self.observer, sock)
             return self._serve_websocket(websocket)
 
         return Admission(self.connections.hold(client), run)
@@ -205,33 +205,35 @@ class Server:
         counts = f"{len(self._hub)} rooms, {self._hub.user_count} users"
         return f"draining: {len(self._websockets)} WebSockets left, {counts}" if self.draining else counts
 
-    async def _listen(self) -> list[trio.SocketListener]:
+    def _listen(self) -> list[socket.socket]:
         if self._inherited:
-            return [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in self._inherited]
+            for sock in self._inherited:
+                sock.setblocking(False)
+            return self._inherited
         host, port = self.config.server.host, self.config.server.port
         try:
-            if self.config.server.reuse_port:
-                return await _reuse_port_listeners(host, port)
-            return await trio.open_tcp_listeners(port, host=host)
+            return listening_sockets(host, port, reuse_port=self.config.server.reuse_port)
         except OSError as exc:
             raise ConfigError("server.port", f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
-    async def _listen_for_metrics(self, bind: str) -> list[trio.SocketListener]:
+    def _listen_for_metrics(self, bind: str) -> list[socket.socket]:
         host, port = split_bind(bind)
         try:
-            return await trio.open_tcp_listeners(port, host=host)
+            return listening_sockets(host, port)
         except OSError as exc:
             raise ConfigError("metrics.bind", f"cannot listen on {bind}: {exc.strerror or exc}") from None
 
-    def _opened(self, stream: Stream, http_host: Host) -> tuple[HttpConnection, str]:
+    def _opened(
+        self, sock: socket.socket, address: object, tls: ssl.SSLContext | None, http_host: Host
+    ) -> tuple[HttpConnection, str]:
         """A connection just accepted, counted as open from now on, and its "host:port"."""
-        transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-        try:
-            host, port, *_ = transport.socket.getpeername()
-        except OSError:
-            host, port = "?", 0
+        host, port = peer_of(address)
         remote = f"{host}:{port}"
-        connection = HttpConnection(http_host, stream, host, remote)
+        stream: Stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        if tls is not None:
+            stream = trio.SSLStream(stream, tls, server_side=True, https_compatible=True)
+        # Under TLS the socket carries ciphertext: only the stream may write it.
+        connection = HttpConnection(http_host, stream, host, remote, sock if tls is None else None)
         self._connections.add(connection)
         return connection, remote
 
@@ -248,7 +250,7 @@ class Server:
 
     async def _accept(
         self,
-        listeners: Sequence[tuple[trio.abc.Listener[Any], Host]],
+        listeners: Sequence[tuple[socket.socket, ssl.SSLContext | None, Host]],
         connections: trio.Nursery,
         *,
         task_status: trio.TaskStatus[trio.CancelScope],
@@ -262,24 +264,28 @@ class Server:
         with trio.CancelScope() as accepting:
             task_status.started(accepting)
             async with trio.open_nursery() as nursery:
-                for listener, http_host in listeners:
-                    nursery.start_soon(self._accept_one, listener, http_host, connections)
+                for listening, tls, http_host in listeners:
+                    nursery.start_soon(self._accept_one, listening, tls, http_host, connections)
 
-    async def _accept_one(self, listener: trio.abc.Listener[Any], http_host: Host, connections: trio.Nursery) -> None:
+    async def _accept_one(
+        self, listening: socket.socket, tls: ssl.SSLContext | None, http_host: Host, connections: trio.Nursery
+    ) -> None:
         """Not trio.serve_listeners: a connection must count as open from the moment it is
         accepted, before its task first runs, or a drain that starts in between would find
-        no connection, end at once, and cut the one whose task then starts.
+        no connection, end at once, and cut the one whose task then starts. And connections
+        come in batches (``_sockets.accepted``): a join storm pays one wake-up per batch.
         """
         while True:
             try:
-                stream = await listener.accept()
+                batch = await accepted(listening)
             except OSError as exc:
                 if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                     raise
                 log.error("cannot accept a connection: %s; retrying in %.1f s", exc.strerror, ACCEPT_RETRY_SECONDS)
                 await trio.sleep(ACCEPT_RETRY_SECONDS)
                 continue
-            connections.start_soon(self._handle, *self._opened(stream, http_host))
+            for sock, address in batch:
+                connections.start_soon(self._handle, *self._opened(sock, address, tls, http_host))
 
     async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until ``shutdown()``, then drain; ``task_status.started`` once accepting."""
@@ -307,26 +313,23 @@ class Server:
         server_config = self.config.server
         self._hub = hub
         self._rest = self._rest_api()
-        listeners = await self._listen()
-        self.port = listeners[0].socket.getsockname()[1]
-        served: list[tuple[trio.abc.Listener[Any], Host]] = [
-            (listener if tls is None else trio.SSLListener(listener, tls, https_compatible=True), self)
-            for listener in listeners
-        ]
-        metrics_listeners: list[trio.SocketListener] = []
+        listeners = self._listen()
+        self.port = listeners[0].getsockname()[1]
+        served: list[tuple[socket.socket, ssl.SSLContext | None, Host]] = [(sock, tls, self) for sock in listeners]
+        metrics_listeners: list[socket.socket] = []
         if self._metrics is not None:
             rooms.start_soon(self._metrics.watch_event_loop)
             if self.config.metrics.bind:
-                metrics_listeners = await self._listen_for_metrics(self.config.metrics.bind)
-                self.metrics_port = metrics_listeners[0].socket.getsockname()[1]
+                metrics_listeners = self._listen_for_metrics(self.config.metrics.bind)
+                self.metrics_port = metrics_listeners[0].getsockname()[1]
                 endpoint = _MetricsEndpoint(self, self._metrics)
-                served += [(listener, endpoint) for listener in metrics_listeners]
-                log.info("metrics on %s", ", ".join(_address(listener.socket) for listener in metrics_listeners))
+                served += [(sock, None, endpoint) for sock in metrics_listeners]
+                log.info("metrics on %s", ", ".join(_address(sock) for sock in metrics_listeners))
         async with trio.open_nursery() as connections:
             accepting = await connections.start(self._accept, served, connections)
             log.info(
                 "listening on %s%s%s",
-                ", ".join(_address(listener.socket) for listener in listeners),
+                ", ".join(_address(sock) for sock in listeners),
                 " with TLS" if tls else "",
                 " (sockets from systemd)" if self._inherited else "",
             )
@@ -337,8 +340,9 @@ class Server:
             # connection is accepted after this). Closing drops only our descriptor of a
             # socket from systemd: it keeps listening.
             accepting.cancel()
-            for listener in (*listeners, *metrics_listeners):
-                await listener.aclose()
+            for sock in (*listeners, *metrics_listeners):
+                trio.lowlevel.notify_closing(sock)
+                sock.close()
             log.info(
                 "shutting down: stopped accepting; closing %d WebSocket(s), finishing %d HTTP connection(s)",
                 len(self._websockets),
@@ -363,35 +367,7 @@ class Server:
         await hub.hand_over(grace_ends)
 
 
-async def _reuse_port_listeners(host: str, port: int) -> list[trio.SocketListener]:
-    """What ``trio.open_tcp_listeners`` does, plus SO_REUSEPORT on every socket.
-
-    With it, every signald on this machine listening on the same port gets its own accept
-    queue and the kernel spreads new connections over them, so N processes use N cores
-    without a proxy in front. trio has no option for it, hence these few lines.
-    """
-    listeners = []
-    for family, kind, proto, _, address in await trio.socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    ):
-        sock = trio.socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            await sock.bind(address)
-            sock.listen(socket.SOMAXCONN)
-        except OSError:
-            sock.close()
-            for listener in listeners:
-                await listener.aclose()
-            raise
-        listeners.append(trio.SocketListener(sock))
-    return listeners
-
-
-def _address(sock: trio.socket.SocketType) -> str:
+def _address(sock: socket.socket) -> str:
     host, port, *_ = sock.getsockname()
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

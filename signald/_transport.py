@@ -31,6 +31,7 @@ from ._hub import ResumeFailed, RoomHub
 from ._metrics import Observer
 from ._outbox import Close, Item, Outbox, Ping, Raw
 from ._session import Join, Leave, LocalMember, Resume, Session, State, Suspend
+from ._sockets import send_all
 from ._websocket import Binary, Closed, Codec, Pong, text_frame
 
 log = logging.getLogger("signald.session")
@@ -79,6 +80,7 @@ class WebSocket:
         "_observer",
         "_peer_close_code",
         "_scope",
+        "_sock",
         "_stream",
         "outbox",
         "remote",
@@ -94,8 +96,12 @@ class WebSocket:
         remote: str,
         tokens: JoinTokens | None = None,
         observer: Observer | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         self._stream = stream
+        #: The stream's plain socket, if it has one: the writer offers the kernel each batch
+        #: directly first (``_sockets.send_all``).
+        self._sock = sock
         self._observer = observer or Observer()
         #: The code of the client's close frame, when it closed first.
         self._peer_close_code: int | None = None
@@ -221,10 +227,9 @@ class WebSocket:
             commands, session.commands = session.commands, []
             for command in commands:
                 if isinstance(command, Join):
-                    # Shielded without a deadline: the room task always answers (it never waits
-                    # on a socket), and an abandoned join would seat a member nobody knows of.
-                    with trio.CancelScope(shield=True):
-                        room = await self._hub.join(command.room_id, command.member, command.request_id)
+                    # Not cancellable (``RoomHub.join``): the room task always answers, and an
+                    # abandoned join would seat a member nobody knows of.
+                    room = await self._hub.join(command.room_id, command.member, command.request_id)
                     if room is None:
                         session.join_refused(trio.current_time())
                     else:
@@ -251,12 +256,12 @@ class WebSocket:
                     )
 
     async def _writer(self) -> None:
-        outbox, stream = self.outbox, self._stream
+        outbox, stream, sock = self.outbox, self._stream, self._sock
         try:
             while batch := await outbox.take():
                 data, text_bytes = self._encode(batch)
                 del batch  # nothing of a written batch stays alive while the writer waits for the next
-                await stream.send_all(data)
+                await send_all(stream, sock, data)
                 del data
                 outbox.written(text_bytes)
             if self._codec.eof_requested and isinstance(stream, trio.abc.HalfCloseableStream):

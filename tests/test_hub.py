@@ -350,3 +350,29 @@ async def test_the_hub_reports_joins_refusals_relays_and_every_way_of_leaving() 
         await trio.testing.wait_all_tasks_blocked()
         assert recorder.reports == [("left", 1)]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_join_cancelled_while_the_room_decides_still_gets_its_answer() -> None:
+    """A join happens for both sides or for neither: cancelling the joiner while the room task
+    has the join queued neither loses the answer nor seats a member the joiner never hears of."""
+    async with trio.open_nursery() as nursery:
+        hub = RoomHub(RoomsConfig(), nursery)
+        member = FakeMember("a", "A")
+        outcome: list[object] = []
+
+        async def joiner() -> None:
+            with trio.CancelScope() as scope:
+                scope.cancel()  # already cancelled when the join starts waiting for the room
+                outcome.append(await hub.join("r", member))
+                outcome.append("still running after the join")
+                await trio.lowlevel.checkpoint()  # the cancellation lands here, after the answer
+                outcome.append("not reached")
+
+        await joiner()
+        assert outcome[1:] == ["still running after the join"]
+        task = outcome[0]
+        assert isinstance(task, RoomTask)
+        assert [frame["type"] for frame in member.frames] == ["joined-room"]
+        room = hub.get("r")
+        assert room is not None and list(room.seats) == ["a"]
+        nursery.cancel_scope.cancel()
