@@ -93,8 +93,10 @@ async def test_a_send_to_a_reset_connection_raises_trios_broken_resource_error()
     server, stream, client = await _pair()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     client.close()  # an RST, not a FIN
-    with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
-        await send_all(stream, server, b"x" * 1024)  # loopback: the reset is in before close returns
+    with trio.fail_after(5):
+        await trio.lowlevel.wait_readable(server)  # the reset has arrived: the socket has an error
+    with pytest.raises(trio.BrokenResourceError):
+        await send_all(stream, server, b"x" * 1024)
     await stream.aclose()
 
 
